@@ -1,0 +1,188 @@
+"""The `Routing` record every router returns, and the router template they share.
+
+Shape legend: T = tokens, D = model dim, E = experts, K = experts per token, N = assignments
+(token-choice: N = K*T in slot-major order, n = s*T + t), G = routing groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moeflow.config import MoEConfig
+from moeflow.ops.capacity import capacity_keep
+from moeflow.ops.losses import entropy, switch_balance_loss, z_loss
+
+
+@dataclass
+class Routing:
+    """One routing decision for T tokens, in flat (COO) assignment form.
+
+    `kept_N` marks the assignments the experts will process; an assignment that is routed but not kept was
+    dropped by capacity and contributes exactly zero. `aux_loss` is the sum of the coefficient-scaled losses
+    (add it to the training loss); `losses` holds each unscaled term by name.
+    """
+
+    token_ids_N: Tensor  # int64 [N]
+    expert_ids_N: Tensor  # int64 [N]
+    weights_N: Tensor  # fp32 [N], combine weight of each assignment (differentiable w.r.t. the router)
+    routed_N: Tensor  # bool [N], the router chose it (False: e.g. GShard's randomly skipped second choice)
+    kept_N: Tensor  # bool [N], routed and within capacity
+    probs_TE: Tensor  # fp32 [T, E], router probabilities (for statistics and losses)
+    logits_TE: Tensor  # fp32 [T, E]
+    num_tokens: int
+    num_experts: int
+    top_k: int  # K for token-choice routing (N = K*T, slot-major); 0 for expert choice
+    capacity: int | None  # slots per expert per group (None: dropless)
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """Kept assignments per expert, int64 [E]."""
+        return torch.bincount(self.expert_ids_N[self.kept_N], minlength=self.num_experts)
+
+    @property
+    def routed_per_expert(self) -> Tensor:
+        """Routed assignments per expert before capacity drops, int64 [E]."""
+        return torch.bincount(self.expert_ids_N[self.routed_N], minlength=self.num_experts)
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        """Fraction of routed assignments dropped by capacity (0-dim float tensor)."""
+        routed = self.routed_N.sum()
+        return (routed - self.kept_N.sum()).float() / routed.clamp_min(1).float()
+
+    @property
+    def tokens_fully_dropped(self) -> Tensor:
+        """Fraction of tokens none of whose assignments was kept (only the residual carries them)."""
+        kept_T = torch.zeros(self.num_tokens, dtype=torch.bool, device=self.kept_N.device)
+        kept_T[self.token_ids_N[self.kept_N]] = True
+        return 1.0 - kept_T.float().mean()
+
+    @property
+    def entropy(self) -> Tensor:
+        """Mean router entropy in nats."""
+        return entropy(self.probs_TE.detach())
+
+    def stats(self) -> dict[str, object]:
+        """Plain-Python statistics for logging (one device sync)."""
+        out: dict[str, object] = {
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "dropped_fraction": float(self.dropped_fraction),
+            "entropy": float(self.entropy),
+        }
+        for name, v in self.losses.items():
+            out[name] = float(v.detach())
+        return out
+
+
+@dataclass
+class Selection:
+    """What a router's `select` returns: K choices per token (slot-major [K, T]) and their weights."""
+
+    experts_KT: Tensor
+    weights_KT: Tensor
+    routed_KT: Tensor | None = None  # None: all routed
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+
+
+class Router(nn.Module):
+    """Template: gate (fp32 logits) -> select (per router) -> capacity (shared) -> Routing.
+
+    Subclasses implement `select(x_TD, logits_TE, probs_TE, group_T)`; capacity and dropping are applied
+    here, once, for every token-choice router.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        """Create the gate weight [E, D] (and bias if configured)."""
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small init so initial routing is near uniform (Switch: truncated normal with small scale)."""
+        nn.init.normal_(self.weight, std=self.cfg.d_model ** -0.5 * 0.1)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def gate_input(self, x_TD: Tensor) -> Tensor:
+        """The router's input: x, with Switch's multiplicative jitter in training."""
+        eps = self.cfg.jitter_eps or 0.0
+        if self.training and eps > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+            return x_TD * noise
+        return x_TD
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """fp32 router logits [T, E] (router precision matters: bf16 flips near-tied experts)."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(self.gate_input(x_TD).float(), self.weight.float(), bias)
+
+    def group_ids(self, num_tokens: int, device: torch.device) -> Tensor:
+        """Group of each token: G contiguous, equal groups (GShard local groups)."""
+        g = self.cfg.num_groups
+        if num_tokens % g:
+            raise ValueError(f"num_groups={g} must divide the number of tokens ({num_tokens}); "
+                             "pick a num_groups that divides batch*sequence length")
+        return torch.arange(num_tokens, device=device) // (num_tokens // g)
+
+    def scores(self, logits_TE: Tensor) -> Tensor:
+        """Router probabilities from logits (softmax by default)."""
+        return torch.softmax(logits_TE, dim=-1)
+
+    def balance_loss(self, probs_TE: Tensor, experts_KT: Tensor, routed_KT: Tensor | None, group_T: Tensor) -> Tensor:
+        """Switch-style load-balance loss per routing group over all K choices (1 at balance), mean over groups."""
+        g, e = self.cfg.num_groups, self.num_experts
+        k, t = experts_KT.shape
+        bucket = (group_T.unsqueeze(0) * e + experts_KT).reshape(-1)
+        if routed_KT is not None:
+            bucket = bucket[routed_KT.reshape(-1)]
+        counts_GE = torch.bincount(bucket, minlength=g * e).view(g, e)
+        return switch_balance_loss(probs_TE.view(g, t // g, e), counts_GE, k)
+
+    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor) -> Selection:
+        """Choose K experts per token and their combine weights."""
+        raise NotImplementedError
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        """Route T tokens [T, D] and return the full Routing record (capacity applied)."""
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.cfg.d_model:
+            raise ValueError(f"router expects [tokens, {self.cfg.d_model}], got {tuple(x_TD.shape)}")
+        t = x_TD.shape[0]
+        group_T = self.group_ids(t, x_TD.device)
+        logits_TE = self.logits(x_TD)
+        probs_TE = self.scores(logits_TE)
+        sel = self.select(x_TD, logits_TE, probs_TE, group_T)
+        k = sel.experts_KT.shape[0]
+        expert_ids_N = sel.experts_KT.reshape(-1)
+        token_ids_N = torch.arange(t, device=x_TD.device).repeat(k)
+        routed_N = (torch.ones_like(expert_ids_N, dtype=torch.bool) if sel.routed_KT is None
+                    else sel.routed_KT.reshape(-1))
+        capacity = self.cfg.capacity(t // self.cfg.num_groups)
+        if capacity is None:
+            kept_N = routed_N
+        else:
+            if self.cfg.drop_policy == "position":
+                # slot-major assignment order: all first choices (in token order) before any second choice
+                priority_N = torch.arange(k * t, device=x_TD.device)
+            else:
+                priority_N = -sel.weights_KT.detach().reshape(-1)
+            kept_N = capacity_keep(expert_ids_N, group_T.repeat(k), priority_N, routed_N,
+                                   self.num_experts, self.cfg.num_groups, capacity)
+        losses = dict(sel.losses)
+        aux = sel.aux_loss if sel.aux_loss is not None else logits_TE.new_zeros(())
+        if self.cfg.z_loss_coef:
+            losses["z_loss"] = z_loss(logits_TE)
+            aux = aux + self.cfg.z_loss_coef * losses["z_loss"]
+        return Routing(token_ids_N=token_ids_N, expert_ids_N=expert_ids_N, weights_N=sel.weights_KT.reshape(-1),
+                       routed_N=routed_N, kept_N=kept_N, probs_TE=probs_TE, logits_TE=logits_TE, num_tokens=t,
+                       num_experts=self.num_experts, top_k=k, capacity=capacity, losses=losses, aux_loss=aux)
