@@ -5,8 +5,10 @@ from moeflow.dispatch import DispatchPlan, LocalDispatcher
 from moeflow.experts import GroupedExperts
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.routing import ROUTERS, Router, Routing, build_router
+from moeflow.interop import load_hf, patch_hf, save_hf  # noqa: E402 (after the core it builds on)
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "MoEConfig", "DispatchPlan", "LocalDispatcher", "GroupedExperts", "FFN", "MoELayer",
-           "RMSNorm", "ROUTERS", "Router", "Routing", "build_router", "__version__"]
+           "RMSNorm", "ROUTERS", "Router", "Routing", "build_router", "__version__",
+           "load_hf", "save_hf", "patch_hf"]

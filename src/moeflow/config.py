@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
-ROUTER_NAMES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice")
+ROUTER_NAMES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "deepseek", "hierarchical")
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu")
 DROP_POLICIES = ("position", "probs")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm", "bmm")
@@ -14,6 +15,16 @@ EXPERT_IMPLS = ("auto", "loop", "grouped_mm", "bmm")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and how to fix it."""
+
+
+def expert_capacity(capacity_factor: float, top_k: int, tokens: int, num_experts: int, min_capacity: int = 0) -> int:
+    """Slots per expert: max(ceil(capacity_factor * top_k * tokens / num_experts), min_capacity).
+
+    NOTE: the product is taken in exact rational arithmetic on the factor's decimal value, because in floats
+    1.1 * 10 = 11.000000000000002 and the ceiling would give 12 slots instead of 11.
+    """
+    exact = Fraction(repr(float(capacity_factor))) * top_k * tokens / num_experts
+    return max(math.ceil(exact), min_capacity)
 
 
 @dataclass(kw_only=True)
@@ -84,10 +95,12 @@ class MoEConfig:
         if self.router == "gshard":
             need(self.top_k == 2, f"router='gshard' is top-2 routing; set top_k=2 (got {self.top_k})")
         if self.capacity_factor is not None:
-            need(isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
+            need(isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool)
+                 and math.isfinite(self.capacity_factor)
                  and self.capacity_factor > 0,
                  f"MoEConfig.capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor!r}")
-        need(self.min_capacity >= 0, f"MoEConfig.min_capacity must be >= 0, got {self.min_capacity}")
+        need(isinstance(self.min_capacity, int) and not isinstance(self.min_capacity, bool) and self.min_capacity >= 0,
+             f"MoEConfig.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         for name in ("aux_loss_coef", "importance_coef", "load_coef", "bias_update_rate"):
             v = getattr(self, name)
             need(math.isfinite(v) and v >= 0, f"MoEConfig.{name} must be a finite number >= 0, got {v!r}")
@@ -96,7 +109,8 @@ class MoEConfig:
         need(0.0 <= self.jitter_eps < 1.0, f"MoEConfig.jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.z_loss_coef is None:
             self.z_loss_coef = 1e-3 if self.router == "switch" else 0.0
-        need(self.z_loss_coef >= 0, f"MoEConfig.z_loss_coef must be >= 0, got {self.z_loss_coef}")
+        need(math.isfinite(self.z_loss_coef) and self.z_loss_coef >= 0,
+             f"MoEConfig.z_loss_coef must be a finite number >= 0, got {self.z_loss_coef!r}")
         if self.normalize is None:
             self.normalize = self.router in ("topk", "gshard", "hierarchical", "deepseek")
         if self.score_func is None:
@@ -121,8 +135,8 @@ class MoEConfig:
         """Slots per expert per routing group, or None when dropless."""
         if self.capacity_factor is None:
             return None
-        c = math.ceil(self.capacity_factor * self.top_k * tokens_per_group / self.num_experts)
-        return max(c, self.min_capacity)
+        return expert_capacity(self.capacity_factor, self.top_k, tokens_per_group, self.num_experts,
+                               self.min_capacity)
 
     def replace(self, **changes: object) -> "MoEConfig":
         """A copy with some fields changed (validated again)."""

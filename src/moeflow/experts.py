@@ -13,9 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.config import MoEConfig
-from moeflow.ops.grouped import grouped_linear
-
-GATED = ("swiglu", "geglu")
+from moeflow.ops.grouped import GATED, grouped_linear, grouped_mlp, resolve_impl
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -56,11 +54,24 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.d_hidden))
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None) -> Tensor:
-        """Run expert e on its block of rows: [R, D] -> [R, D]."""
-        h_RF = grouped_linear(x_RD, self.w_in, counts_E, splits, self.impl)
+    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None,
+                scale_R: Tensor | None = None) -> Tensor:
+        """Run expert e on its block of rows: [R, D] -> [R, D].
+
+        `scale_R` ([R], optional) multiplies each row's activation before `w_out`, i.e. its output (linear in the
+        activation): the combine weights folded into the experts.
+        """
+        impl = resolve_impl(x_RD, self.w_in, self.impl)
+        if splits is None:
+            splits = counts_E.tolist()
+        if impl == "loop":
+            # fused and chunked: no [R, H] / [R, F] temporaries besides the saved pre-activation (see grouped_mlp)
+            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, scale_R)
+        h_RF = grouped_linear(x_RD, self.w_in, counts_E, splits, impl)
         a_RH = activate(h_RF, self.activation)
-        return grouped_linear(a_RH, self.w_out, counts_E, splits, self.impl)
+        if scale_R is not None:
+            a_RH = a_RH * scale_R.to(a_RH.dtype).unsqueeze(1)
+        return grouped_linear(a_RH, self.w_out, counts_E, splits, impl)
 
     def extra_repr(self) -> str:
         """Sizes for print(model)."""

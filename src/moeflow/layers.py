@@ -74,11 +74,17 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """route -> dispatch -> experts -> combine (+ shared experts)."""
-        if x.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"MoELayer expects inputs [..., {self.cfg.d_model}], got {tuple(x.shape)}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"MoELayer expects inputs [..., d_model={self.cfg.d_model}], got shape {tuple(x.shape)}; "
+                             "the last dimension must equal MoEConfig.d_model")
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
         x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
+        # NOTE: NaN/inf logits would route arbitrarily and steal capacity from healthy tokens, so fail loudly. The
+        # check runs after dispatch, whose host sync has already waited for the logits: it adds no extra stall.
+        # Compiled graphs skip it (it would be one more graph break); the trainer's finite-loss check remains.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(routing.logits_TE).all()):
+            self._raise_non_finite(x_TD, routing)
         y_RD = self.experts(x_RD, plan.counts_E, plan.splits)
         y_TD = self.dispatcher.combine(y_RD, plan)
         if self.shared is not None:
@@ -88,3 +94,12 @@ class MoELayer(nn.Module):
             y_TD = y_TD + s_TD
         self.last_routing = routing
         return y_TD.view(x.shape).to(x.dtype) if y_TD.dtype != x.dtype else y_TD.view(x.shape)
+
+    def _raise_non_finite(self, x_TD: Tensor, routing: Routing) -> None:
+        """Explain which of the input or the router weights made the router logits non-finite."""
+        bad_tokens = int((~torch.isfinite(routing.logits_TE).all(-1)).sum())
+        bad_inputs = int((~torch.isfinite(x_TD).all(-1)).sum())
+        cause = (f"{bad_inputs} input tokens contain NaN/inf (check the previous layer)" if bad_inputs
+                 else "the router weights contain NaN/inf or overflow (check the learning rate and the last update)")
+        raise FloatingPointError(f"MoELayer: {bad_tokens} of {routing.num_tokens} tokens have non-finite router "
+                                 f"logits; {cause}")

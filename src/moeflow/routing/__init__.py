@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from moeflow.config import ROUTER_NAMES, ConfigError, MoEConfig
 from moeflow.routing.base import Router, Routing, Selection
+from moeflow.routing.deepseek import DeepSeekRouter
 from moeflow.routing.expert_choice import ExpertChoiceRouter
 from moeflow.routing.gshard import GShardRouter
+from moeflow.routing.hierarchical import HierarchicalRouter
 from moeflow.routing.noisy import NoisyTopKRouter
 from moeflow.routing.switch import SwitchRouter
 from moeflow.routing.topk import TopKRouter
@@ -16,6 +18,8 @@ ROUTERS: dict[str, type[Router]] = {
     "switch": SwitchRouter,
     "gshard": GShardRouter,
     "expert_choice": ExpertChoiceRouter,
+    "deepseek": DeepSeekRouter,
+    "hierarchical": HierarchicalRouter,
 }
 
 
@@ -27,4 +31,5 @@ def build_router(cfg: MoEConfig) -> Router:
 
 
 __all__ = ["ROUTERS", "ROUTER_NAMES", "Router", "Routing", "Selection", "build_router", "TopKRouter",
-           "NoisyTopKRouter", "SwitchRouter", "GShardRouter", "ExpertChoiceRouter"]
+           "NoisyTopKRouter", "SwitchRouter", "GShardRouter", "ExpertChoiceRouter", "DeepSeekRouter",
+           "HierarchicalRouter"]

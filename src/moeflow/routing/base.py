@@ -27,11 +27,11 @@ class Routing:
 
     token_ids_N: Tensor  # int64 [N]
     expert_ids_N: Tensor  # int64 [N]
-    weights_N: Tensor  # fp32 [N], combine weight of each assignment (differentiable w.r.t. the router)
+    weights_N: Tensor  # fp32 (or fp64) [N], combine weight of each assignment (differentiable w.r.t. the router)
     routed_N: Tensor  # bool [N], the router chose it (False: e.g. GShard's randomly skipped second choice)
     kept_N: Tensor  # bool [N], routed and within capacity
-    probs_TE: Tensor  # fp32 [T, E], router probabilities (for statistics and losses)
-    logits_TE: Tensor  # fp32 [T, E]
+    probs_TE: Tensor  # fp32 [T, E] (fp64 for fp64 inputs), router probabilities (for statistics and losses)
+    logits_TE: Tensor  # fp32 [T, E] (fp64 for fp64 inputs)
     num_tokens: int
     num_experts: int
     top_k: int  # K for token-choice routing (N = K*T, slot-major); 0 for expert choice
@@ -60,6 +60,8 @@ class Routing:
         """Fraction of tokens none of whose assignments was kept (only the residual carries them)."""
         kept_T = torch.zeros(self.num_tokens, dtype=torch.bool, device=self.kept_N.device)
         kept_T[self.token_ids_N[self.kept_N]] = True
+        if self.num_tokens == 0:
+            return kept_T.new_zeros((), dtype=torch.float32)
         return 1.0 - kept_T.float().mean()
 
     @property
@@ -88,6 +90,8 @@ class Selection:
     routed_KT: Tensor | None = None  # None: all routed
     losses: dict[str, Tensor] = field(default_factory=dict)
     aux_loss: Tensor | None = None
+    probs_TE: Tensor | None = None  # None: the template's scores(logits); set by routers whose probabilities
+    # are not a function of the expert logits alone (hierarchical: cluster prob x within-cluster prob)
 
 
 class Router(nn.Module):
@@ -123,9 +127,11 @@ class Router(nn.Module):
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """fp32 router logits [T, E] (router precision matters: bf16 flips near-tied experts)."""
+        # at least fp32: bf16 inputs are upcast, fp64 ones (reference tests) are not cast down
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(x_TD.device.type, enabled=False):
-            bias = None if self.bias is None else self.bias.float()
-            return nn.functional.linear(self.gate_input(x_TD).float(), self.weight.float(), bias)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return nn.functional.linear(self.gate_input(x_TD).to(dtype), self.weight.to(dtype), bias)
 
     def group_ids(self, num_tokens: int, device: torch.device) -> Tensor:
         """Group of each token: G contiguous, equal groups (GShard local groups)."""
@@ -184,5 +190,6 @@ class Router(nn.Module):
             losses["z_loss"] = z_loss(logits_TE)
             aux = aux + self.cfg.z_loss_coef * losses["z_loss"]
         return Routing(token_ids_N=token_ids_N, expert_ids_N=expert_ids_N, weights_N=sel.weights_KT.reshape(-1),
-                       routed_N=routed_N, kept_N=kept_N, probs_TE=probs_TE, logits_TE=logits_TE, num_tokens=t,
+                       routed_N=routed_N, kept_N=kept_N,
+                       probs_TE=probs_TE if sel.probs_TE is None else sel.probs_TE, logits_TE=logits_TE, num_tokens=t,
                        num_experts=self.num_experts, top_k=k, capacity=capacity, losses=losses, aux_loss=aux)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from moeflow.config import expert_capacity
 from moeflow.ops.losses import z_loss
 from moeflow.routing.base import Router, Routing
 
@@ -27,7 +26,7 @@ class ExpertChoiceRouter(Router):
         self.group_ids(t, x_TD.device)  # validates divisibility
         tg = t // g
         cf = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else 1.0
-        c = min(tg, max(math.ceil(cf * self.top_k * tg / e), self.cfg.min_capacity))
+        c = min(tg, expert_capacity(cf, self.top_k, tg, e, self.cfg.min_capacity))
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         w_GEC, idx_GEC = torch.topk(probs_TE.view(g, tg, e).transpose(1, 2), c, dim=-1)

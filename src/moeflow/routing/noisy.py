@@ -30,7 +30,8 @@ class NoisyTopKRouter(Router):
         noisy = self.training
         if noisy:
             with torch.autocast(x_TD.device.type, enabled=False):
-                std_TE = nn.functional.softplus(x_TD.float() @ self.noise_weight.float().t()) + 1e-2
+                raw_TE = x_TD.to(logits_TE.dtype) @ self.noise_weight.to(logits_TE.dtype).t()
+                std_TE = nn.functional.softplus(raw_TE) + 1e-2  # + 1e-2 as in tensor2tensor's noise_epsilon
             h_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
         else:
             h_TE = logits_TE
@@ -46,8 +47,9 @@ class NoisyTopKRouter(Router):
             thresh_out = top_vals[:, k - 1:k]  # for the others, the k-th value
             in_top = h_TE > thresh_in
             thresh_TE = torch.where(in_top, thresh_in, thresh_out)
-            normal = torch.distributions.Normal(0.0, 1.0)
-            p_TE = normal.cdf((logits_TE - thresh_TE) / std_TE)
+            # ndtr is the standard normal CDF; unlike distributions.Normal it does not reject NaN with an
+            # unrelated message, so a NaN input reaches MoELayer's finite check
+            p_TE = torch.special.ndtr((logits_TE - thresh_TE) / std_TE)
             load_E = p_TE.view(g, t // g, e).sum(1)
         else:
             load_E = (gates_TE > 0).float().view(g, t // g, e).sum(1)

@@ -1,0 +1,292 @@
+"""Benchmark moeflow's MoELayer on CPU against a dense-equivalent FFN and a naive per-expert loop MoE.
+
+For each config it prints the median forward and forward+backward times (fp32, training mode, autograd on),
+their ratios to (a) `dense`: one SwiGLU FFN with hidden H over the T*k rows of x repeated k times (the same expert
+FLOPs with no routing) and (b) `naive`: a Hugging Face v4 Mixtral-style loop (per expert: torch.where on the
+routing mask, gather, FFN, index_add), all timed interleaved in the same run. Peak memory is the rise of the
+resident set during one forward+backward step, measured in a fresh subprocess per config (`--no-memory` skips it),
+plus the MoE's peak at T and 2T to show that it grows linearly in T (no [T, E, C] tensor).
+
+    python benchmarks/layer.py                      # configs A-D, 10 repeats, 2 threads
+    python benchmarks/layer.py --configs A,B --repeats 20 --impls auto,bmm
+    python benchmarks/layer.py --quick              # tiny sizes (the smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeflow import MoEConfig, MoELayer
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark configuration."""
+
+    tokens: int
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int
+    router: str = "topk"
+    capacity_factor: float | None = None
+
+    def moe_config(self, impl: str) -> MoEConfig:
+        """The MoELayer config for this shape."""
+        return MoEConfig(d_model=self.d_model, d_hidden=self.d_hidden, num_experts=self.num_experts,
+                         top_k=self.top_k, router=self.router, capacity_factor=self.capacity_factor,
+                         expert_impl=impl)
+
+    def describe(self) -> str:
+        """A short human-readable summary."""
+        cf = "" if self.capacity_factor is None else f" cf={self.capacity_factor}"
+        return (f"T={self.tokens} D={self.d_model} H={self.d_hidden} E={self.num_experts} k={self.top_k} "
+                f"{self.router}{cf}")
+
+
+CONFIGS = {
+    "A": Shape(4096, 512, 1024, 8, 2),
+    "B": Shape(4096, 512, 256, 64, 2),
+    "C": Shape(8192, 256, 512, 32, 1, router="switch", capacity_factor=1.25),
+    "D": Shape(1024, 1024, 2816, 8, 2),
+}
+QUICK = {
+    "A": Shape(128, 32, 64, 8, 2),
+    "B": Shape(128, 32, 16, 16, 2),
+    "C": Shape(256, 16, 32, 8, 1, router="switch", capacity_factor=1.25),
+    "D": Shape(64, 64, 96, 4, 2),
+}
+
+
+class DenseEquivalent(nn.Module):
+    """One SwiGLU FFN over T*k rows (x repeated k times, built once outside the timed region): no routing."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        """Weights shaped like one expert."""
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(2 * d_hidden, d_model) / d_model ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(d_model, d_hidden) / d_hidden ** 0.5)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        """Plain PyTorch SwiGLU: the reference every MoE implementation is compared with."""
+        gate, up = F.linear(x_ND, self.w_in).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_out)
+
+
+class NaiveLoopMoE(nn.Module):
+    """Hugging Face v4 Mixtral-style MoE: an nn.ModuleList of experts and a Python loop with torch.where.
+
+    Copies its weights from a MoELayer so both compute the same function. For capacity-limited routing it
+    keeps the first `capacity` tokens of each expert in position order (Switch Transformers' cumsum mask).
+    """
+
+    def __init__(self, layer: MoELayer) -> None:
+        """Unstack the layer's router and expert weights into per-expert modules."""
+        super().__init__()
+        cfg = layer.cfg
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(DenseEquivalent(cfg.d_model, cfg.d_hidden) for _ in range(cfg.num_experts))
+        with torch.no_grad():
+            self.gate.weight.copy_(layer.router.weight)
+            for e, expert in enumerate(self.experts):
+                expert.w_in.copy_(layer.experts.w_in[e])
+                expert.w_out.copy_(layer.experts.w_out[e])
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        """Route, then loop over the experts that received tokens."""
+        cfg = self.cfg
+        gate_in = x_TD
+        if self.training and cfg.jitter_eps:
+            gate_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+        probs_TE = torch.softmax(self.gate(gate_in).float(), dim=-1)
+        weights_TK, experts_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
+        if cfg.normalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        mask_TKE = F.one_hot(experts_TK, cfg.num_experts)
+        capacity = cfg.capacity(x_TD.shape[0])
+        if capacity is not None:  # top-1 only here (config C): position = running count per expert
+            mask_TKE = mask_TKE * (mask_TKE.cumsum(0) <= capacity)
+        mask_EKT = mask_TKE.permute(2, 1, 0)
+        out_TD = torch.zeros_like(x_TD)
+        for e in torch.nonzero(mask_EKT.sum((1, 2))).flatten().tolist():
+            slot, token = torch.where(mask_EKT[e])
+            y = self.experts[e](x_TD[token]) * weights_TK[token, slot, None]
+            out_TD.index_add_(0, token, y.to(x_TD.dtype))
+        return out_TD
+
+
+def build(shape: Shape, impls: list[str], tokens: int, seed: int = 0) -> dict[str, tuple[nn.Module, Tensor]]:
+    """Modules and their leaf inputs, keyed by impl name: dense, naive and one MoELayer per expert impl."""
+    torch.manual_seed(seed)
+    x_TD = torch.randn(tokens, shape.d_model)
+    out: dict[str, tuple[nn.Module, Tensor]] = {}
+    out["dense"] = (DenseEquivalent(shape.d_model, shape.d_hidden), x_TD.repeat(shape.top_k, 1))
+    layers = {}
+    for impl in impls:
+        torch.manual_seed(seed + 1)
+        layers[impl] = MoELayer(shape.moe_config(impl))
+        out[f"moe[{impl}]"] = (layers[impl], x_TD.clone())
+    out["naive"] = (NaiveLoopMoE(layers[impls[0]]), x_TD.clone())
+    return out
+
+
+def step(module: nn.Module, x: Tensor, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """One training step's forward and forward+backward times in seconds (grads reset first)."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    t0 = clock()
+    y = module(x)
+    t1 = clock()
+    # a fixed-pattern output gradient; the MoE also backpropagates its aux loss (it is part of the layer)
+    loss = (y * torch.linspace(-1.0, 1.0, y.shape[-1])).sum()
+    if isinstance(module, MoELayer):
+        loss = loss + module.aux_loss
+    loss.backward()
+    t2 = clock()
+    return t1 - t0, t2 - t0
+
+
+def check_outputs(models: dict[str, tuple[nn.Module, Tensor]]) -> float:
+    """Largest |moe - naive| over the MoE impls (eval mode, so no router jitter): guards the comparison."""
+    naive, x = models["naive"]
+    naive.eval()
+    worst = 0.0
+    with torch.no_grad():
+        ref = naive(x)
+        for name, (module, _) in models.items():
+            if name.startswith("moe"):
+                module.eval()
+                worst = max(worst, (module(x) - ref).abs().max().item())
+                module.train()
+    naive.train()
+    return worst
+
+
+def time_config(shape: Shape, impls: list[str], repeats: int, clock: Callable[[], float],
+                warmup: int = 2) -> tuple[dict, float]:
+    """Median (fwd, fwd+bwd) seconds per impl, all impls interleaved within each repeat."""
+    models = build(shape, impls, shape.tokens)
+    err = check_outputs(models)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    for r in range(warmup + repeats):
+        for name, (module, x) in models.items():
+            t = step(module, x, clock)
+            if r >= warmup:
+                samples[name].append(t)
+    med = {name: (statistics.median(s[0] for s in ts), statistics.median(s[1] for s in ts))
+           for name, ts in samples.items()}
+    return med, err
+
+
+def _rss_kb(field: str) -> int:
+    """A VmRSS/VmHWM line of /proc/self/status, in kB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def peak_step_mb(module: nn.Module, x: Tensor) -> float:
+    """Rise of the resident set during one forward+backward step, in MB (after a warm-up step)."""
+    step(module, x)
+    module.zero_grad(set_to_none=True)
+    gc.collect()
+    # return freed heap pages to the OS and reset the high-water mark, so earlier steps do not hide this one
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kb("VmRSS")
+    step(module, x)
+    return (_rss_kb("VmHWM") - base) / 1024
+
+
+def memory_probe(shape: Shape, impls: list[str]) -> dict[str, float]:
+    """Peak MB per impl at T, and of each MoE impl at 2T (run in a fresh subprocess per config)."""
+    models = build(shape, impls, shape.tokens)
+    peaks = {name: peak_step_mb(module, x) for name, (module, x) in models.items()}
+    del models
+    big = build(shape, impls, 2 * shape.tokens)
+    for name, (module, x) in big.items():
+        if name.startswith("moe"):
+            peaks[name + "@2T"] = peak_step_mb(module, x)
+    return peaks
+
+
+def measure_memory(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run `memory_probe` for one config in a fresh interpreter (clean heap) and parse its JSON line."""
+    cmd = [sys.executable, __file__, "--memory-probe", name, "--threads", str(args.threads), "--impls", args.impls]
+    if args.quick:
+        cmd.append("--quick")
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe for config {name} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, time every config, print the tables."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default="A,B,C,D", help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per impl (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--impls", default="auto", help="MoELayer expert_impl values to time, e.g. auto,loop,bmm")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats (smoke test)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: process CPU time of all threads (steadier on a shared machine)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-probe", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = QUICK if args.quick else CONFIGS
+    impls = [s for s in args.impls.split(",") if s]
+    names = [s for s in args.configs.split(",") if s]
+    unknown = [n for n in names + ([args.memory_probe] if args.memory_probe else []) if n not in table]
+    if unknown:
+        p.error(f"unknown config(s) {unknown}; choose from {','.join(table)}")
+    if args.memory_probe:
+        print(json.dumps(memory_probe(table[args.memory_probe], impls)))
+        return 0
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+    print(f"torch {torch.__version__}, fp32, CPU, {args.threads} threads, {args.clock} clock, median of {repeats} "
+          "steps, times in ms; ratios are fwd+bwd (fwd) vs the row named")
+    head = (f"{'cfg':<4}{'impl':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'vs dense':>15}{'vs naive':>15}"
+            f"{'peak MB':>10}")
+    print(head)
+    print("-" * len(head))
+    scaling = []
+    for name in names:
+        shape = table[name]
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        med, err = time_config(shape, impls, repeats, clock)
+        mem = {} if args.no_memory else measure_memory(name, args)
+        for impl, (fwd, full) in med.items():
+            vs_dense = f"{full / med['dense'][1]:.2f} ({fwd / med['dense'][0]:.2f})"
+            vs_naive = f"{full / med['naive'][1]:.2f} ({fwd / med['naive'][0]:.2f})"
+            peak = f"{mem[impl]:.0f}" if impl in mem else "-"
+            print(f"{name:<4}{impl:<12}{fwd * 1e3:>9.1f}{full * 1e3:>12.1f}{vs_dense:>15}{vs_naive:>15}{peak:>10}")
+        print(f"    {shape.describe()}; max |moe - naive| = {err:.1e}")
+        scaling += [(name, impl, mem[f"moe[{impl}]"], mem[f"moe[{impl}]@2T"]) for impl in impls if mem]
+    if scaling:
+        print("\nMoE peak step memory at T and 2T (linear in T: no [T, E, C] tensor)")
+        for name, impl, m1, m2 in scaling:
+            print(f"{name:<4}{'moe[' + impl + ']':<12}T: {m1:8.0f} MB   2T: {m2:8.0f} MB   ratio {m2 / m1:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

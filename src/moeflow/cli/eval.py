@@ -1,0 +1,59 @@
+"""`moeflow eval`: validation loss and bits per byte of a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.config import ConfigError
+from moeflow.train.checkpoint import CheckpointError
+from moeflow.train.data import DataError, eval_batches, load_corpus
+from moeflow.train.trainer import model_from_run, resolve_device
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `eval` subcommand."""
+    p = sub.add_parser("eval", help="validation loss and bits per byte of a trained run")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder made by `moeflow train`")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="which split to score (default val)")
+    p.add_argument("--data", metavar="PATH", help="score other data instead of the run's own (same formats as train)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str, batches: int | None = None, split: str = "val", data: str | None = None,
+                 device: str = "cpu") -> tuple[float, int, int]:
+    """(mean loss in nats per token, tokens scored, step of the checkpoint)."""
+    dev = resolve_device(device)
+    model, cfg, ckpt = model_from_run(run_dir, device=str(dev))
+    corpus = load_corpus(cfg.data if data is None else dataclasses.replace(cfg.data, path=data))
+    if corpus.max_token >= cfg.model.vocab_size:
+        raise DataError(f"{corpus.source}: token id {corpus.max_token} is outside the model's vocabulary "
+                        f"({cfg.model.vocab_size})")
+    tokens = corpus.val if split == "val" else corpus.train
+    n = batches or cfg.train.eval_batches
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, n, cfg.train.batch_size, cfg.train.seq_len):
+        logits = model(x.to(dev))
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(dev).flatten(), reduction="sum"))
+        count += y.numel()
+    return total / count, count, int(ckpt["step"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print loss (nats/byte) and bits per byte."""
+    try:
+        loss, count, step = evaluate_run(args.run, args.batches, args.split, args.data, args.device)
+    except (CheckpointError, DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.run} (step {step}), {args.split} split, {count:,} tokens: loss {loss:.4f} nats/byte, "
+          f"{loss / math.log(2):.4f} bits per byte")
+    return 0

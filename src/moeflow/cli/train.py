@@ -1,0 +1,166 @@
+"""`moeflow train`: train a model on the embedded corpus (or --data) into a run folder, then write its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from moeflow.config import ConfigError
+from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
+from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
+                                  load_config_file, parse_set)
+from moeflow.train.data import DataError
+from moeflow.train.trainer import Trainer, TrainingDiverged, TrainResult
+
+DEFAULT_PRESET = "tiny"
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """Flags that define a run's config (shared by train and compare)."""
+    p.add_argument("--preset", choices=sorted(RUN_PRESETS), default=None,
+                   help=f"named model + training preset (default {DEFAULT_PRESET})")
+    p.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of overrides, nested like "
+                   "config.json: {\"train\": {\"lr\": 1e-3}}")
+    p.add_argument("--data", metavar="PATH", help="a text file, a folder of text files, or a pre-tokenised .bin/.npy "
+                   "(default: the embedded Python stdlib corpus)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="total training steps (= --set train.steps=N)")
+    p.add_argument("--seed", type=int, help="seed for init, data order and router noise (= --set train.seed=N)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (= --set train.device=...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field by its dotted path, e.g. --set model.moe.num_experts=16 "
+                        "--set train.lr=1e-3 (repeatable; values are Python literals)")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
+    """Preset, then config file, then the shorthand flags, then --set (last wins); returns (config, preset)."""
+    preset = args.preset or DEFAULT_PRESET
+    cfg = get_preset(preset)
+    overrides: dict[str, object] = {}
+    if args.config:
+        overrides.update(load_config_file(args.config))
+    if args.data is not None:
+        overrides["data.path"] = args.data
+    if args.max_steps is not None:
+        overrides["train.steps"] = args.max_steps
+    if args.seed is not None:
+        overrides["train.seed"] = args.seed
+    if args.device is not None:
+        overrides["train.device"] = args.device
+    overrides.update(parse_set(args.overrides))
+    return (apply_overrides(cfg, overrides) if overrides else cfg), preset
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `train` subcommand."""
+    p = sub.add_parser("train", help="train a model into a run folder (default: the tiny MoE on the stdlib corpus)",
+                       description="Train an MoE (or dense) language model. With no arguments: the 'tiny' preset "
+                                   "on the Python standard library sources, a few minutes on 2 CPU cores.")
+    add_config_args(p)
+    p.add_argument("--out", default="runs", help="folder that holds run folders (default runs/)")
+    p.add_argument("--name", help="run folder name (default <preset>-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint "
+                   "(its config.json is used; --max-steps may extend it)")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop at this step with a checkpoint, without "
+                   "changing the schedule (continue later with --resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
+    p.add_argument("--report-only", metavar="RUN_DIR", help="re-render RUN_DIR's report.md and exit")
+    p.set_defaults(func=run)
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str | None, Path]:
+    run_dir = Path(args.resume)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.json); pass the folder `moeflow train` made")
+    if args.preset or args.config or args.data or args.overrides or args.seed is not None:
+        raise ConfigError("--resume continues a run with its own config.json; drop --preset/--config/--data/--set/"
+                          "--seed (only --max-steps, --stop-at and --device may change)")
+    saved = json.loads(cfg_path.read_text())
+    preset = saved.pop("preset", None)
+    cfg = RunConfig.from_dict(saved)
+    extra: dict[str, object] = {}
+    if args.max_steps is not None:
+        extra["train.steps"] = args.max_steps
+    if args.device is not None:
+        extra["train.device"] = args.device
+    return (apply_overrides(cfg, extra) if extra else cfg), preset, run_dir
+
+
+def print_summary(result: TrainResult, report: Path, stream=sys.stdout) -> None:
+    """The final lines: losses, speed, and where everything is."""
+    m, s = divmod(int(result.elapsed_s), 60)
+    print(f"done: {result.step} steps in {m}:{s:02d} (median {result.tokens_per_s:,.0f} tokens/s)", file=stream)
+    print(f"  train loss {result.train_loss:.4f} | validation loss {result.val_loss:.4f} nats/byte = "
+          f"{result.val_bpb:.4f} bits/byte", file=stream)
+    print(f"  run folder: {result.run_dir}", file=stream)
+    print(f"  report:     {report}", file=stream)
+    print(f"  try:        moeflow generate --run {result.run_dir} --prompt 'def '", file=stream)
+
+
+def write_summary(result: TrainResult, preset: str | None, data_source: str) -> None:
+    """summary.json: the run's final numbers (read by the report and by compare)."""
+    d = {"preset": preset, "step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
+         "val_bpb": result.val_bpb, "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
+         "data_source": data_source}
+    (result.run_dir / "summary.json").write_text(json.dumps(d, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, train (or resume), write the report, print the summary."""
+    from moeflow.analysis.report import write_report
+
+    if args.list_keys:
+        print("\n".join(config_keys()))
+        return 0
+    if args.report_only:
+        print(write_report(args.report_only))
+        return 0
+    t_total = time.perf_counter()
+    try:
+        if args.resume:
+            cfg, preset, run_dir = _resume_config(args)
+        else:
+            cfg, preset = resolve_config(args)
+            name = args.name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = Path(args.out) / name
+        if args.show_config:
+            print(json.dumps({"preset": preset, **cfg.to_dict()}, indent=2))
+            return 0
+        if not args.resume and (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "
+                              "another --name")
+        print(f"run folder {run_dir}  (preset {preset}, {cfg.model.num_params():,} parameters, "
+              f"{cfg.model.num_active_params():,} active per token)")
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+        print(f"data: {trainer.corpus.source}: {len(trainer.corpus.train):,} training / {len(trainer.corpus.val):,} "
+              f"validation bytes ({time.perf_counter() - t0:.1f} s to prepare)")
+        if args.resume:
+            print(f"resuming at step {trainer.step} of {cfg.train.steps}")
+        else:
+            trainer.write_config(preset)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.run(stop_at=args.stop_at)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"partial report: {write_report(run_dir)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if trainer.last_ckpt_step is not None:
+            print(f"\ninterrupted; the checkpoint at step {trainer.last_ckpt_step} is intact: "
+                  f"moeflow train --resume {run_dir}", file=sys.stderr)
+        raise
+    write_summary(result, preset, trainer.corpus.source)
+    report = write_report(run_dir)
+    print_summary(result, report)
+    print(f"  total time including data and report: {time.perf_counter() - t_total:.0f} s")
+    return 0

@@ -1,0 +1,83 @@
+"""`moeflow translate`: decode with a trained translation run; `moeflow translate-train`: train one.
+
+    moeflow translate-train --preset gshard --out runs/tr-gshard          # or: moeflow train --task translate
+    moeflow translate --run runs/tr-gshard --to cip --text "the return value must be a string"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moeflow.config import ConfigError
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Options of a translation training run (shared by `translate-train` and `train --task translate`)."""
+    p.add_argument("--preset", default="gshard", help="gshard (default), switch, dense (gshard's equal-active "
+                                                      "dense baseline) or tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. steps=500, model.moe.capacity_factor=2.0 (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default runs/translate-<preset>)")
+    p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many training seconds (0: none)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `translate` and `translate-train` subcommands."""
+    p = sub.add_parser("translate", help="translate English text with a trained translation run")
+    p.add_argument("--run", required=True, help="run folder written by `moeflow train --task translate`")
+    p.add_argument("--to", required=True, help="target language code(s), comma-separated (e.g. cip,rev)")
+    p.add_argument("--text", action="append", required=True, help="English text (repeatable)")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    p.set_defaults(func=run_translate)
+    t = sub.add_parser("translate-train", help="train the embedded multilingual translation task")
+    add_train_args(t)
+    t.set_defaults(func=run_train)
+
+
+def run_translate(args: argparse.Namespace) -> int:
+    """Print each text's translation next to the language's exact mapping."""
+    from moeflow.tasks.languages import LANGUAGES, check_text
+    from moeflow.tasks.translate import translate
+    from moeflow.tasks.translate_train import load_run
+
+    try:
+        model, cfg, vocab = load_run(args.run)
+        codes = [c.strip() for c in args.to.split(",") if c.strip()]
+        for code in codes:
+            if code not in cfg.languages:
+                raise ValueError(f"language {code!r} was not trained in {args.run}; it knows {', '.join(cfg.languages)}")
+        for code in codes:
+            outs = translate(model, vocab, args.text, code, beam_size=args.beam)
+            for text, out in zip(args.text, outs):
+                ref = LANGUAGES[code].encode(check_text(text))
+                mark = "ok" if out == ref else f"expected {ref!r}"
+                print(f"<2{code}> {check_text(text)!r} -> {out!r}  ({mark})")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"moeflow translate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train from a preset plus overrides; print the per-language table at the end."""
+    from moeflow.tasks.translate import apply_overrides, translate_preset
+    from moeflow.tasks.translate_train import train_translate
+
+    try:
+        cfg = apply_overrides(translate_preset(args.preset), args.overrides)
+    except ConfigError as e:
+        print(f"moeflow: bad translate config: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/translate-{args.preset}")
+    summary = train_translate(cfg, out, time_limit_s=args.time_limit)
+    print(f"\n{'language':<10}{'exact':>8}{'CER':>9}")
+    for code, v in summary["eval"].items():
+        print(f"{code:<10}{v['exact']:>8.3f}{v['cer']:>9.4f}")
+    mis = {name: round(r["mi_bits"], 3) for name, r in summary["routing"].items()}
+    print(f"mean      {summary['mean_exact']:>8.3f}{summary['mean_cer']:>9.4f}")
+    print(f"I(language; expert) bits per MoE layer: {json.dumps(mis)}")
+    print(f"run folder: {out} (report.md, metrics.jsonl, checkpoint.pt)")
+    return 0

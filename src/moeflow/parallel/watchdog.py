@@ -1,0 +1,89 @@
+"""Turning a dead or stuck peer into a clear, bounded-time error.
+
+Three layers, cheapest first:
+1. Every process group has an explicit timeout (`init_distributed(timeout_s=...)`); gloo and NCCL honour it,
+   so a collective waiting on a peer that never comes raises after at most `timeout_s`, and one whose peer died
+   raises as soon as the connection drops.
+2. `collective_guard` wraps each of our collectives and converts the backend's low-level exception into a
+   `PeerFailureError` that names the collective, the step and the rank, and says what to check.
+3. `barrier_with_timeout` uses gloo's `monitored_barrier`, which names the ranks that did not arrive;
+   `hang_watchdog` dumps every thread's stack if a step exceeds a wall-clock budget (for hangs outside
+   collectives, e.g. a deadlocked data loader).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from moeflow.parallel.groups import ParallelDims
+
+
+class PeerFailureError(RuntimeError):
+    """A collective failed because another rank died, hung or diverged; the message says which and what to check."""
+
+    def __init__(self, collective: str, dims: ParallelDims, elapsed_s: float, cause: BaseException,
+                 timeout_s: float | None = None) -> None:
+        """Build the message from the failing collective, the layout and the backend's error."""
+        step = "?" if dims.step is None else str(dims.step)
+        timeout_s = dims.timeout_s if timeout_s is None else timeout_s
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"rank {dims.rank}/{dims.world}: {collective} failed at step {step} after {elapsed_s:.1f}s "
+            f"(timeout {timeout_s:g}s): {first}\n"
+            "  A peer process probably died or is stuck. Check the other ranks' output for the first error "
+            "(exception, out of memory, NaN check, killed by the OS); check that every rank runs the same model, "
+            "the same number of steps and of MoE layers (a rank that skips a collective hangs the others); "
+            "raise init_distributed(timeout_s=...) only if a step legitimately takes longer.")
+        self.collective = collective
+        self.rank = dims.rank
+        self.step = dims.step
+        self.elapsed_s = elapsed_s
+
+
+@contextmanager
+def collective_guard(collective: str, dims: ParallelDims, timeout_s: float | None = None) -> Iterator[None]:
+    """Run one collective; convert a backend failure (dead peer, timeout, closed pair) into PeerFailureError."""
+    t0 = time.monotonic()
+    try:
+        yield
+    except PeerFailureError:
+        raise
+    except (RuntimeError, dist.DistError) as exc:  # DistBackendError, DistNetworkError, gloo's RuntimeError
+        raise PeerFailureError(collective, dims, time.monotonic() - t0, exc, timeout_s) from exc
+
+
+def barrier_with_timeout(dims: ParallelDims, name: str = "barrier", timeout_s: float | None = None) -> None:
+    """Wait for every rank, at most `timeout_s` (default: the group timeout); the error names the missing ranks.
+
+    On gloo this is `monitored_barrier` (rank 0 reports which ranks failed to arrive); on other backends a
+    plain barrier bounded by the process-group timeout.
+    """
+    if not dims.distributed:
+        return
+    timeout_s = timeout_s if timeout_s is not None else dims.timeout_s
+    with collective_guard(name, dims, timeout_s):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        else:
+            dist.barrier()
+
+
+@contextmanager
+def hang_watchdog(timeout_s: float, exit_on_hang: bool = False) -> Iterator[None]:
+    """If the body runs longer than `timeout_s`, print every thread's stack to stderr (and exit if asked).
+
+    A last line of defence for hangs that no process-group timeout covers; re-armed on every entry, so wrap
+    one training step with it.
+    """
+    faulthandler.dump_traceback_later(timeout_s, repeat=False, file=sys.stderr, exit=exit_on_hang)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -1,0 +1,105 @@
+"""Checkpoints written atomically: a crash or kill during a save leaves the previous checkpoint loadable.
+
+A save writes `<name>.tmp.<pid>`, flushes and fsyncs it, then `os.replace`s it over `<name>` (atomic on POSIX and
+Windows) and fsyncs the folder so the rename itself survives a power cut. A reader therefore sees either the old
+file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the run; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in `path` (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, then atomically replace `path`; the temp file never lingers."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # KeyboardInterrupt included: the old checkpoint is untouched, only the partial temp file goes
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training step may draw from (torch CPU/CUDA, numpy, python)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as tensors and numbers, so the checkpoint loads with weights_only=True
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                                       "has_gauss": has_gauss, "gauss": gauss},
+                             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, *, model_state: dict[str, Any], optimizer_state: dict[str, Any], step: int,
+                    data_state: dict[str, Any], config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Write everything needed to continue a run bit-for-bit: weights, optimizer, step, RNG and data stream."""
+    atomic_torch_save({"format_version": FORMAT_VERSION, "step": step, "model": model_state,
+                       "optimizer": optimizer_state, "rng": rng_state(), "data": data_state, "config": config,
+                       "extra": extra or {}}, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, with a clear error if it is missing or damaged."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path}: no checkpoint there; train first (moeflow train) or pass the run folder "
+                              "that holds checkpoint.pt")
+    try:
+        # weights_only: a checkpoint is data, never code
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); it may be truncated or "
+                              "from another program") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a moeflow checkpoint (format {FORMAT_VERSION} expected)")
+    return ckpt

@@ -1,0 +1,334 @@
+"""Run configuration: model + training + data dataclasses, named presets, and typed dotted overrides.
+
+A run is fully described by a `RunConfig`; `config.json` in a run folder is its `to_dict()`. Overrides address
+every field by its dotted path (`train.lr`, `model.moe.num_experts`) and are type-checked against the dataclass
+annotations; unknown keys fail with the closest known keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeflow.config import ConfigError, MoEConfig
+from moeflow.models import MODEL_PRESETS, ModelConfig
+from moeflow.train.data import DataConfig, DataError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and bookkeeping for one training run (AdamW, linear warmup, cosine decay)."""
+
+    steps: int = 500  # total optimizer steps; the cosine schedule spans exactly these
+    batch_size: int = 16  # sequences per step (global: split over data-parallel ranks)
+    seq_len: int = 128  # tokens per sequence (<= model.max_seq_len)
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    warmup: int = 30  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms, biases or the router)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    aux_loss: bool = True  # add the routers' scaled auxiliary losses (load balance, z-loss) to the loss
+    eval_every: int = 100  # validation every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 8  # validation batches (fixed windows of the held-out files)
+    ckpt_every: int = 250  # checkpoint every N steps (and at the end); 0 = only at the end
+    log_every: int = 10  # progress line period when stdout is not a terminal
+    seed: int = 0  # model init, data stream and router noise
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int = 0  # torch CPU threads (0: torch's default); bitwise resume needs the same value
+
+    def __post_init__(self) -> None:
+        """Validate every field."""
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
+        for name in ("warmup", "eval_every", "ckpt_every", "threads", "seed"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ConfigError(f"train.{name} must be an integer >= 0, got {v!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"train.{name} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise ConfigError(f"train.beta1/beta2 must be < 1, got {self.beta1}, {self.beta2}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"train.device={self.device!r} is unknown; use one of {', '.join(DEVICES)} "
+                              "(optionally with an index, e.g. cuda:1)")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything a run needs: the model, how to train it, and what data to train it on."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        """Cross-field checks."""
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; lower one or raise the other")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-able)."""
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
+                "data": dataclasses.asdict(self.data)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Inverse of to_dict; unknown keys and missing required fields raise ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"model", "train", "data"})
+        if unknown:
+            raise ConfigError(f"unknown top-level config key(s): {', '.join(unknown)}; use model, train, data")
+        if "model" not in d:
+            raise ConfigError("a run config needs a 'model' section")
+        return cls(model=ModelConfig.from_dict(d["model"]), train=_build(TrainConfig, d.get("train", {}), "train"),
+                   data=_build(DataConfig, d.get("data", {}), "data"))
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    """Construct a flat dataclass from a dict, naming unknown or missing keys."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in '{where}': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**d)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------- presets
+def _tiny() -> RunConfig:
+    return RunConfig(model=MODEL_PRESETS["tiny"](), train=TrainConfig())
+
+
+def _tiny_dense() -> RunConfig:
+    return RunConfig(model=MODEL_PRESETS["tiny-dense"](), train=TrainConfig())
+
+
+def _small() -> RunConfig:
+    return RunConfig(model=MODEL_PRESETS["small"](),
+                     train=TrainConfig(steps=3000, batch_size=32, seq_len=256, lr=1.5e-3, warmup=100,
+                                       eval_every=250, ckpt_every=500))
+
+
+RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": _tiny, "tiny-dense": _tiny_dense, "small": _small}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh RunConfig for a named preset."""
+    if name not in RUN_PRESETS:
+        close = difflib.get_close_matches(name, RUN_PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {', '.join(RUN_PRESETS)}")
+    return RUN_PRESETS[name]()
+
+
+def dense_counterpart(model: ModelConfig) -> ModelConfig:
+    """The dense model with the same active FFN width: ffn_hidden = top_k * d_hidden (+ shared experts)."""
+    if model.moe is None:
+        return model
+    width = model.moe.top_k * model.moe.d_hidden + model.moe.shared_d_hidden
+    return dataclasses.replace(model, moe=None, ffn_hidden=width, head_dim=model.head_dim)
+
+
+# ------------------------------------------------------------------------------------------- overrides
+_SCHEMA_ROOT: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass inside a hint like `MoEConfig | None`, else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint  # type: ignore[return-value]
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg  # type: ignore[return-value]
+    return None
+
+
+def config_keys() -> list[str]:
+    """Every dotted key `--set` accepts (nested dataclasses expanded, e.g. model.moe.top_k)."""
+    out: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, hint in _hints(cls).items():
+            key = f"{prefix}{name}"
+            out.append(key)
+            sub = _dataclass_in(hint)
+            if sub is not None:
+                walk(sub, key + ".")
+
+    for name, cls in _SCHEMA_ROOT.items():
+        out.append(name)
+        walk(cls, name + ".")
+    return out
+
+
+def _unknown_key(key: str) -> ConfigError:
+    keys = config_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    close += [k for k in difflib.get_close_matches(key, keys, n=4, cutoff=0.6) if k not in close]
+    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (`moeflow train --list-keys` prints them all)")
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` if it matches the annotation (int promoted to float), else raise ConfigError."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}, got {type(value).__name__}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in (bool, str):
+        if isinstance(value, hint):
+            return value
+    elif hint is Any:
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}, got {type(value).__name__}")
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: a Python literal (1e-3, True, None, 'x', [1, 2]) or, failing that, a bare string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-3", ...]` -> {"train.lr": 0.001}; a missing `=` is an error."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict (a config file) -> dotted keys; a dict value under a known dataclass field is descended."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A new RunConfig with dotted-key overrides applied, type-checked, and the whole config re-validated.
+
+    Changing `model.d_model` also moves `model.moe.d_model` unless that key is overridden too, since the two
+    must agree.
+    """
+    tree = cfg.to_dict()
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] not in _SCHEMA_ROOT or len(parts) < 2:
+            raise _unknown_key(key)
+        cls: type = _SCHEMA_ROOT[parts[0]]
+        node = tree[parts[0]]
+        for i, part in enumerate(parts[1:], start=1):
+            hints = _hints(cls)
+            if part not in hints:
+                raise _unknown_key(key)
+            if i == len(parts) - 1:
+                node[part] = _check_type(key, value, hints[part])
+                break
+            sub = _dataclass_in(hints[part])
+            if sub is None:
+                raise _unknown_key(key)
+            if node.get(part) is None:
+                node[part] = {}  # e.g. model.moe on a dense preset: built from the keys given (validated below)
+            node, cls = node[part], sub
+    moe = tree["model"].get("moe")
+    if isinstance(moe, dict) and "model.moe.d_model" not in overrides:
+        moe["d_model"] = tree["model"]["d_model"]
+    if "model.head_dim" not in overrides and ("model.d_model" in overrides or "model.n_heads" in overrides):
+        tree["model"]["head_dim"] = None
+    try:
+        return RunConfig.from_dict(tree)
+    except TypeError as e:
+        # a dataclass built from a partial dict (e.g. model.moe on a dense preset) names its missing field
+        raise ConfigError(f"incomplete config: {e}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON (or, with pyyaml installed, YAML) config file into flat dotted overrides."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # optional: JSON always works
+        except ImportError:
+            raise ConfigError(f"{p}: YAML configs need pyyaml (pip install pyyaml); or write it as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({e})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file must hold a mapping like {{\"train\": {{\"lr\": 1e-3}}}}")
+    data.pop("preset", None)  # run folders record it for humans; the sections below are the config
+    return flatten(data)
+
+
+__all__ = ["TrainConfig", "RunConfig", "DataConfig", "MoEConfig", "RUN_PRESETS", "get_preset", "dense_counterpart",
+           "apply_overrides", "parse_set", "parse_value", "load_config_file", "config_keys", "flatten"]

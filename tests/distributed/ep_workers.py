@@ -1,0 +1,199 @@
+"""Worker bodies for the multi-process tests; they run inside `run_world` ranks and return plain results.
+
+One spawn per world size runs everything (`combined_worker`): spawning is the expensive part (every rank
+imports torch), so the layer-parity cases, the a2a primitive and the training/checkpoint runs share it. The
+test modules only compare the returned numbers against single-process references.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from dist_harness import world_mean
+
+from moeflow import MoEConfig, MoELayer
+from moeflow.models import MoETransformer
+from moeflow.models.config import ModelConfig
+from moeflow.parallel import (ParallelDims, all_to_all, allreduce_gradients, clip_grad_norm_, expert_parameters,
+                              gather_full_optimizer_state, gather_full_state_dict, init_distributed, is_main,
+                              load_full_optimizer_state, load_full_state_dict, parallelize)
+
+T_LOCAL, D = 12, 8
+CASES: dict[str, dict] = {
+    "topk_dropless": dict(router="topk", top_k=2, shared_d_hidden=4),
+    "skewed_zero_splits": dict(router="topk", top_k=1, router_bias=True),
+    "switch_capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
+    "switch_capacity_variable": dict(router="switch", top_k=1, capacity_factor=1.0, mode="variable"),
+    "gshard_top2": dict(router="gshard", top_k=2, capacity_factor=1.0),
+    "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=1.0),
+    "hierarchical": dict(router="hierarchical", top_k=2, num_clusters=4),
+    "topk_dedup": dict(router="topk", top_k=3, shared_d_hidden=4, mode="dedup"),
+    "gshard_dedup": dict(router="gshard", top_k=2, capacity_factor=1.0, mode="dedup"),
+    "hierarchical_dedup": dict(router="hierarchical", top_k=2, num_clusters=4, mode="dedup"),
+}
+
+
+def _a2a_primitive(rank: int, world: int, dims) -> dict[str, float]:
+    """Uneven and zero splits, forward content and backward routing of all_to_all."""
+    send = [(rank + 2 * j) % 3 for j in range(world)]  # includes zero-row splits
+    recv = [(j + 2 * rank) % 3 for j in range(world)]
+    x = torch.cat([torch.full((n, 2), 100.0 * rank + j, dtype=torch.float64) for j, n in enumerate(send)])
+    x.requires_grad_(True)
+    y = all_to_all(x, recv, send, dims.ep_group, dims)
+    expected = torch.cat([torch.full((n, 2), 100.0 * j + rank, dtype=torch.float64) for j, n in enumerate(recv)])
+    weight = torch.arange(y.shape[0] * 2, dtype=torch.float64).view(-1, 2) + 1000.0 * rank
+    (y * weight).sum().backward()
+    # the gradient of row i sent to rank j is the weight rank j applied to it: recompute rank j's weight rows
+    grad_expected = []
+    for j, n in enumerate(send):
+        rows_before = sum((k + 2 * j) % 3 for k in range(rank))  # rows rank j received from ranks < rank
+        full = torch.arange(sum((k + 2 * j) % 3 for k in range(world)) * 2, dtype=torch.float64).view(-1, 2)
+        grad_expected.append(full[rows_before:rows_before + n] + 1000.0 * j)
+    return {"a2a_fwd": float((y - expected).abs().max()) if y.numel() else 0.0,
+            "a2a_bwd": float((x.grad - torch.cat(grad_expected)).abs().max()) if x.numel() else 0.0}
+
+
+def _layer_case(name: str, rank: int, world: int, dims) -> dict[str, float]:
+    """Max abs differences EP layer vs reference for one router case."""
+    spec = dict(CASES[name])
+    mode = spec.pop("mode", "auto")
+    torch.manual_seed(0)
+    cfg = MoEConfig(d_model=D, d_hidden=6, num_experts=8, **spec)
+    ref = MoELayer(cfg.replace(num_groups=world)).double().eval()
+    if name == "skewed_zero_splits":  # every token to expert 0 (rank 0): other ranks receive nothing
+        with torch.no_grad():
+            ref.router.bias.copy_(torch.tensor([8.0] + [0.0] * 7))
+    layer = MoELayer(cfg).double().eval()
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(world, T_LOCAL, D, dtype=torch.float64)
+    g = torch.randn_like(x)
+    xr = x.clone().requires_grad_(True)
+    y_ref = ref(xr)
+    ((y_ref * g).sum() / (world * T_LOCAL) + ref.aux_loss).backward()
+    routing = ref.last_routing
+
+    parallelize(layer, dims, mode=mode)
+    xl = x[rank].clone().requires_grad_(True)
+    y = layer(xl)
+    ((y * g[rank]).sum() / T_LOCAL + layer.aux_loss).backward()
+    allreduce_gradients(layer, dims)
+
+    out = {"y": float((y - y_ref[rank]).abs().max()),
+           "x_grad": float((xl.grad - world * xr.grad[rank]).abs().max()),
+           "aux": float((world_mean(layer.aux_loss) - ref.aux_loss).abs()),
+           "dropped_ref": float(routing.dropped_fraction),
+           "min_split": float(min(layer.dispatcher.last_comm.recv_rows)) if dims.ep > 1 else -1.0,
+           "sent_rows": float(sum(layer.dispatcher.last_comm.send_rows)) if dims.ep > 1 else -1.0}
+    for key, val in routing.losses.items():
+        out[f"loss:{key}"] = float((world_mean(layer.last_routing.losses[key]) - val).abs())
+    ref_params = dict(ref.named_parameters())
+    sharded = expert_parameters(layer)
+    assert set(sharded) == ({"experts.w_in", "experts.w_out"} if dims.ep > 1 else set())
+    for pname, p in layer.named_parameters():
+        g_ref = ref_params[pname].grad
+        if pname in sharded:
+            local = dims.local_experts(cfg.num_experts)
+            g_ref = g_ref[local.start:local.stop]
+        out[f"grad:{pname}"] = float((p.grad - g_ref).abs().max())
+    return out
+
+
+def parity_worker(rank: int, world: int, eps: list[int]) -> dict:
+    """Every case under every EP size in `eps` (groups rebuilt per EP size)."""
+    results: dict = {}
+    for ep in eps:
+        dims = init_distributed(ep=ep, timeout_s=30)
+        if ep == world:
+            results[("a2a", ep)] = _a2a_primitive(rank, world, dims)
+        for name in CASES:
+            results[(name, ep)] = _layer_case(name, rank, world, dims)
+    return results
+
+
+GLOBAL_BATCH, SEQ, VOCAB, STEPS = 4, 6, 32, 4
+ROUTERS = {"topk": dict(router="topk", top_k=2), "switch": dict(router="switch", top_k=1, capacity_factor=1.0,
+                                                                  jitter_eps=0.0)}
+
+
+def make_model(router: str, num_groups: int) -> MoETransformer:
+    """A 2-layer fp64 MoE decoder, identically seeded everywhere."""
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4, num_groups=num_groups, **ROUTERS[router])
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=SEQ,
+                      ffn_hidden=16, moe=moe)
+    model = MoETransformer(cfg).double()
+    with torch.no_grad():  # decisive routing: no near-ties between experts for fp32-vs-fp64 noise to flip
+        for layer in model.moe_layers():
+            layer.router.weight.normal_(0.0, 1.0)
+    return model
+
+
+def make_data() -> torch.Tensor:
+    """Token ids for every step and the probe batch: [STEPS + 1, GLOBAL_BATCH, SEQ + 1]."""
+    return torch.randint(0, VOCAB, (STEPS + 1, GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+
+
+def train_step(model, opt, ids: torch.Tensor, dims: ParallelDims) -> tuple[float, float]:
+    """One SGD step on this rank's rows; returns (global mean loss, global grad norm)."""
+    b = ids.shape[0] // dims.world
+    local = ids[dims.rank * b:(dims.rank + 1) * b]
+    logits = model(local[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), local[:, 1:].reshape(-1)) + model.aux_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    allreduce_gradients(model, dims)
+    norm = clip_grad_norm_(model, dims, max_norm=0.5)
+    opt.step()
+    mean = loss.detach().clone()
+    if dims.distributed:
+        torch.distributed.all_reduce(mean)
+    return float(mean) / dims.world, float(norm)
+
+
+def probe_logits(model, ids: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """Logits for this rank's rows of the probe batch (eval mode)."""
+    b = ids.shape[0] // dims.world
+    model.eval()
+    with torch.no_grad():
+        out = model(ids[dims.rank * b:(dims.rank + 1) * b, :-1])
+    model.train()
+    return out
+
+
+def train_worker(rank: int, world: int, runs: list[tuple[str, int]], ckpt_dir: str, resume: bool) -> dict:
+    """From scratch: 3 steps, save (EP>1 runs), 4th step. Resume: load the world-2 EP=2 checkpoint, 4th step."""
+    data, out = make_data(), {}
+    for router, ep in runs:
+        dims = init_distributed(ep=ep, timeout_s=30)
+        model = parallelize(make_model(router, num_groups=1), dims)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        losses, norms = [], []
+        path = Path(ckpt_dir) / f"{router}.pt"
+        if resume:
+            state = torch.load(path, weights_only=False)
+            load_full_state_dict(model, state["model"], dims)
+            load_full_optimizer_state(model, opt, state["optim"], dims)
+        else:
+            for step in range(STEPS - 1):
+                loss, norm = train_step(model, opt, data[step], dims)
+                losses.append(loss)
+                norms.append(norm)
+            if ep > 1:
+                full = {"model": gather_full_state_dict(model, dims), "optim": gather_full_optimizer_state(model, opt,
+                                                                                                         dims)}
+                if is_main(dims):
+                    torch.save(full, path)
+                torch.distributed.barrier()
+        probe = probe_logits(model, data[STEPS], dims)
+        loss, norm = train_step(model, opt, data[STEPS - 1], dims)
+        out[(router, ep)] = {"losses": losses + [loss], "norms": norms + [norm], "probe": probe}
+    return out
+
+
+def combined_worker(rank: int, world: int, parity_eps: list[int], train_runs: list[tuple[str, int]], ckpt_dir: str,
+                    resume: bool) -> dict:
+    """Layer parity for every EP size in `parity_eps`, then the training runs."""
+    return {"parity": parity_worker(rank, world, parity_eps),
+            "train": train_worker(rank, world, train_runs, ckpt_dir, resume)}

@@ -1,0 +1,111 @@
+"""LocalDispatcher: permute kept assignments into expert-contiguous rows and combine them back.
+
+Round trip (Megatron's check): dispatch, identity experts, combine with all weights 1 gives every token back
+once per kept assignment, so k * x when dropless. Integer-valued inputs make the sums exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeflow import LocalDispatcher, MoEConfig, build_router
+
+
+def _route(router: str, k: int, e: int, t: int, seed: int = 0, **fields: object):
+    """A Routing for t random tokens (d_model 5) from a seeded router in training mode, plus the tokens."""
+    torch.manual_seed(seed)
+    cfg = MoEConfig(d_model=5, d_hidden=4, num_experts=e, top_k=k, router=router, **fields)
+    x = torch.randint(-8, 9, (t, 5)).double()
+    return build_router(cfg).double().train()(x), x
+
+
+def _kept_per_token(routing) -> torch.Tensor:
+    """How many kept assignments each token has, [T] float64."""
+    return torch.bincount(routing.token_ids_N[routing.kept_N], minlength=routing.num_tokens).double()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_round_trip_with_unit_weights_returns_the_input(k) -> None:
+    """Dropless top-k with weights 1 and identity experts: combine(dispatch(x)) = k * x exactly, every row is
+    its token's input, rows are grouped by expert in ascending order, and each expert sees its rows in
+    assignment order."""
+    routing, x = _route("topk", k, 4, 20)
+    routing = dataclasses.replace(routing, weights_N=torch.ones_like(routing.weights_N))
+    d = LocalDispatcher()
+    x_RD, plan = d.dispatch(x, routing)
+    assert x_RD.shape == (k * 20, 5)
+    assert torch.equal(x_RD, x[plan.token_ids_R])
+    assert torch.equal(d.combine(x_RD, plan), k * x)
+    expert_R = routing.expert_ids_N[plan.assignment_R]
+    assert bool((expert_R[1:] >= expert_R[:-1]).all())
+    assert plan.counts_E.tolist() == plan.splits == torch.bincount(routing.expert_ids_N, minlength=4).tolist()
+    for e in range(4):
+        block = plan.assignment_R[expert_R == e]
+        assert bool((block[1:] > block[:-1]).all())
+
+
+@given(router_k=st.sampled_from([("topk", 1), ("topk", 2), ("topk", 3), ("switch", 1), ("gshard", 2),
+                                 ("noisy_topk", 2), ("expert_choice", 1), ("expert_choice", 2)]),
+       e=st.integers(3, 6), groups=st.integers(1, 3), tg=st.integers(0, 7),
+       cf=st.sampled_from([None, 0.3, 0.75, 1.0, 2.0]), unit=st.booleans(), seed=st.integers(0, 999))
+@settings(max_examples=40)
+def test_round_trip_property(router_k, e, groups, tg, cf, unit, seed) -> None:
+    """Any router, capacity and grouping: with identity experts, combine(dispatch(x)) = (sum of the token's kept
+    weights) * x; rows are exactly the kept assignments; dropped ones add nothing."""
+    router, k = router_k
+    routing, x = _route(router, k, e, groups * tg, seed, num_groups=groups, capacity_factor=cf)
+    if unit:
+        routing = dataclasses.replace(routing, weights_N=torch.ones_like(routing.weights_N))
+    d = LocalDispatcher()
+    x_RD, plan = d.dispatch(x, routing)
+    assert x_RD.shape[0] == int(routing.kept_N.sum()) == sum(plan.splits)
+    assert bool(routing.kept_N[plan.assignment_R].all())
+    w_T = torch.zeros(groups * tg, dtype=torch.float64).index_add_(
+        0, routing.token_ids_N[routing.kept_N], routing.weights_N[routing.kept_N])
+    y = d.combine(x_RD, plan)
+    if unit:
+        assert torch.equal(y, _kept_per_token(routing)[:, None] * x)
+    else:
+        torch.testing.assert_close(y, w_T[:, None] * x, rtol=1e-12, atol=1e-12)
+
+
+def test_combine_gradients_go_to_kept_rows_and_weights_only() -> None:
+    """d sum(combine) / d x_t = sum of t's kept weights; d / d w_n = sum(x_t) if kept, exactly 0 if dropped."""
+    routing, x = _route("topk", 2, 4, 16, capacity_factor=0.5)
+    assert not bool(routing.kept_N.all())
+    w = routing.weights_N.detach().clone().requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    routing = dataclasses.replace(routing, weights_N=w)
+    d = LocalDispatcher()
+    x_RD, plan = d.dispatch(x, routing)
+    gx, gw = torch.autograd.grad(d.combine(x_RD, plan).sum(), [x, w])
+    w_T = torch.zeros(16, dtype=torch.float64).index_add_(0, routing.token_ids_N[routing.kept_N],
+                                                          w.detach()[routing.kept_N])
+    torch.testing.assert_close(gx, w_T[:, None].expand(16, 5), rtol=1e-12, atol=1e-12)
+    expected_gw = torch.where(routing.kept_N, x.detach().sum(-1)[routing.token_ids_N], torch.zeros_like(w))
+    assert torch.equal(gw, expected_gw)
+
+
+def test_expert_choice_tokens_can_get_zero_or_many_experts() -> None:
+    """Expert choice: rows come from the experts' picks, so a token may be taken 0..E times; combine adds them."""
+    routing, x = _route("expert_choice", 1, 4, 8)
+    per_token = _kept_per_token(routing)
+    assert per_token.sum() == 4 * 2 and (per_token == 0).any() and (per_token > 1).any()
+    routing = dataclasses.replace(routing, weights_N=torch.ones_like(routing.weights_N))
+    d = LocalDispatcher()
+    x_RD, plan = d.dispatch(x, routing)
+    assert torch.equal(d.combine(x_RD, plan), per_token[:, None] * x)
+
+
+def test_empty_routing_dispatches_nothing() -> None:
+    """Zero tokens: zero rows, zero counts, an empty [0, D] combine."""
+    routing, x = _route("topk", 2, 4, 0)
+    d = LocalDispatcher()
+    x_RD, plan = d.dispatch(x, routing)
+    assert x_RD.shape == (0, 5) and plan.splits == [0, 0, 0, 0]
+    assert d.combine(x_RD, plan).shape == (0, 5)

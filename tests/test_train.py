@@ -1,0 +1,290 @@
+"""The trainer: config overrides, LR schedule, atomic checkpoints, exact resume, NaN stop, the parallel seam."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moeflow.train.checkpoint as ckpt_mod
+from moeflow.config import ConfigError
+from moeflow.models import ModelConfig
+from moeflow.train import (DataError, LocalHooks, RunConfig, Trainer, TrainingDiverged, apply_overrides,
+                           config_keys, dense_counterpart, get_preset, load_checkpoint, load_config_file, parse_set)
+from moeflow.train.checkpoint import atomic_torch_save
+from moeflow.train.config import TrainConfig
+from moeflow.train.trainer import lr_at
+
+
+def tiny_overrides(data: Path, **extra: object) -> dict[str, object]:
+    """A model and run small enough for a few steps per second on one core."""
+    o: dict[str, object] = {
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1,
+        "model.max_seq_len": 32, "model.ffn_hidden": 64, "model.moe.d_hidden": 32, "model.moe.num_experts": 4,
+        "train.steps": 8, "train.batch_size": 4, "train.seq_len": 16, "train.eval_every": 4, "train.eval_batches": 2,
+        "train.ckpt_every": 4, "train.warmup": 2, "data.path": str(data)}
+    o.update(extra)
+    return o
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """One intra-op thread: tiny shapes gain nothing from two, and a shared CPU makes OpenMP barriers spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """Real prose-like code: a few stdlib module sources."""
+    import json as j
+    import textwrap
+    f = tmp_path / "corpus.txt"
+    f.write_text((inspect.getsource(j) + inspect.getsource(textwrap)) * 2)
+    return f
+
+
+def tiny_cfg(data: Path, **extra: object) -> RunConfig:
+    """The tiny preset shrunk by `tiny_overrides`."""
+    return apply_overrides(get_preset("tiny"), tiny_overrides(data, **extra))
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_set_parses_literals_and_nested_keys(tmp_path: Path) -> None:
+    o = parse_set(["train.lr=1e-3", "model.moe.num_experts=16", "model.moe.router=switch", "model.moe.top_k=1",
+                   "model.moe.capacity_factor=None", "train.aux_loss=False"])
+    assert o == {"train.lr": 1e-3, "model.moe.num_experts": 16, "model.moe.router": "switch", "model.moe.top_k": 1,
+                 "model.moe.capacity_factor": None, "train.aux_loss": False}
+    cfg = apply_overrides(get_preset("tiny"), o)
+    assert cfg.train.lr == 1e-3 and cfg.model.moe is not None and cfg.model.moe.num_experts == 16
+    assert cfg.model.moe.router == "switch" and cfg.train.aux_loss is False
+    cfg = apply_overrides(get_preset("tiny"), {"train.lr": 1})  # int promoted to float
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_set_errors_are_clear() -> None:
+    base = get_preset("tiny")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*train\.lr"):
+        apply_overrides(base, {"train.lrr": 1e-3})
+    with pytest.raises(ConfigError, match=r"unknown config key 'lr'.*train\.lr"):
+        apply_overrides(base, {"lr": 1e-3})
+    with pytest.raises(ConfigError, match=r"model\.moe\.num_expert'.*model\.moe\.num_experts"):
+        apply_overrides(base, {"model.moe.num_expert": 4})
+    with pytest.raises(ConfigError, match=r"train\.steps='many': expected int, got str"):
+        apply_overrides(base, {"train.steps": "many"})
+    with pytest.raises(ConfigError, match=r"train\.aux_loss=1: expected bool"):
+        apply_overrides(base, {"train.aux_loss": 1})
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["train.lr"])
+    with pytest.raises(ConfigError, match="top_k=9 exceeds num_experts=8"):
+        apply_overrides(base, {"model.moe.top_k": 9})
+    with pytest.raises(ConfigError, match="seq_len=512 exceeds model.max_seq_len"):
+        apply_overrides(base, {"train.seq_len": 512})
+    with pytest.raises(ConfigError, match="train.steps must be a positive integer"):
+        apply_overrides(base, {"train.steps": 0})
+
+
+def test_every_field_is_settable_and_d_model_moves_the_moe() -> None:
+    keys = config_keys()
+    for k in ("train.lr", "train.threads", "model.moe.num_experts", "model.rope_theta", "data.val_fraction"):
+        assert k in keys
+    cfg = apply_overrides(get_preset("tiny"), {"model.d_model": 64, "model.n_heads": 2})
+    assert cfg.model.moe is not None and cfg.model.moe.d_model == 64 and cfg.model.head_dim == 32
+    dense = apply_overrides(get_preset("tiny"), {"model.moe": None})
+    assert dense.model.moe is None
+    back = apply_overrides(dense, {"model.moe.d_hidden": 64, "model.moe.num_experts": 4})
+    assert back.model.moe is not None and back.model.moe.d_model == back.model.d_model
+    with pytest.raises(ConfigError, match="incomplete config.*d_hidden"):
+        apply_overrides(dense, {"model.moe.num_experts": 4})
+
+
+def test_config_file_json_and_round_trip(tmp_path: Path) -> None:
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"lr": 0.002, "steps": 7}, "model": {"moe": {"top_k": 1}}}))
+    cfg = apply_overrides(get_preset("tiny"), load_config_file(f))
+    assert cfg.train.lr == 0.002 and cfg.train.steps == 7 and cfg.model.moe.top_k == 1  # type: ignore[union-attr]
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"preset": "x", **cfg.to_dict()}))
+    assert apply_overrides(get_preset("tiny-dense"), load_config_file(full)).to_dict() == cfg.to_dict()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train": {"lr": }')
+    with pytest.raises(ConfigError, match=r"bad\.json: invalid JSON at line 1"):
+        load_config_file(bad)
+    pytest.importorskip("yaml")
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 0.004\n")
+    assert apply_overrides(get_preset("tiny"), load_config_file(y)).train.lr == 0.004
+
+
+def test_dense_counterpart_matches_active_params() -> None:
+    moe = get_preset("tiny").model
+    dense = dense_counterpart(moe)
+    assert dense.moe is None
+    router = moe.n_layers * moe.moe.num_experts * moe.d_model  # type: ignore[union-attr]
+    assert dense.num_params() == dense.num_active_params() == moe.num_active_params() - router
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    tc = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(0.1) and lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(10, tc) == pytest.approx(1.0) and lr_at(99, tc) == pytest.approx(0.1)
+    mid = 10 + (99 - 10) / 2
+    assert lr_at(int(mid), tc) == pytest.approx(0.55, abs=0.02)
+    assert all(lr_at(s, tc) >= lr_at(s + 1, tc) for s in range(10, 99))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tmp_path: Path, text_file: Path) -> None:
+    t = Trainer(tiny_cfg(text_file), tmp_path / "run", progress=False)
+    t.train_step()
+    t.save(elapsed_s=1.5)
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck["step"] == 1 and ck["extra"]["elapsed_s"] == 1.5
+    assert ck["config"] == t.cfg.to_dict()
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(ck["model"][k], v), k
+    assert ck["optimizer"]["state"].keys() == t.optimizer.state_dict()["state"].keys()
+    assert torch.equal(ck["data"]["generator"], t.batches.generator.get_state())
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dying_save(obj: object, f: object) -> None:
+        real_save({"partial": torch.zeros(1000)}, f)  # bytes reach the temp file ...
+        raise KeyboardInterrupt  # ... then the process is killed mid-save
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    old = torch.load(path, weights_only=True)
+    assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from moeflow.train import CheckpointError
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def _losses(run: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk"])
+def test_resume_equals_uninterrupted_run(tmp_path: Path, text_file: Path, router: str) -> None:
+    # noisy_topk draws router noise from the global RNG and drops with a capacity: both must be restored exactly
+    extra = {"model.moe.router": router}
+    if router == "noisy_topk":
+        extra["model.moe.capacity_factor"] = 1.0
+    cfg = tiny_cfg(text_file, **extra)
+    full = Trainer(cfg, tmp_path / "full", progress=False)
+    res_full = full.run()
+    half = Trainer(cfg, tmp_path / "half", progress=False)
+    half.run(stop_at=4)
+    assert load_checkpoint(tmp_path / "half")["step"] == 4
+    torch.manual_seed(12345)  # a fresh process would start with other global RNG state
+    resumed = Trainer(cfg, tmp_path / "half", resume=True, progress=False)
+    assert resumed.step == 4
+    res_resumed = resumed.run()
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "half")  # bitwise, all 8 steps
+    assert len(_losses(tmp_path / "half")) == 8
+    assert res_full.val_loss == res_resumed.val_loss
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path, text_file: Path) -> None:
+    Trainer(tiny_cfg(text_file), tmp_path / "r", progress=False).run(stop_at=4)
+    with pytest.raises(ConfigError, match=r"different config \(train\.lr\)"):
+        Trainer(tiny_cfg(text_file, **{"train.lr": 0.5}), tmp_path / "r", resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- failures
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path: Path, text_file: Path) -> None:
+    cfg = tiny_cfg(text_file, **{"train.ckpt_every": 2})
+    t = Trainer(cfg, tmp_path / "r", progress=False)
+    calls = {"n": 0}
+
+    def poison(_module: torch.nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 3 else out  # the 3rd training forward overflows
+
+    t.model.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match=r"step 3: the training loss is nan.*checkpoint\.pt \(step 2\)") as e:
+        t.run()
+    assert e.value.step == 3
+    ck = load_checkpoint(tmp_path / "r")
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["kind"] == "diverged" and recs[-1]["step"] == 3
+
+
+def test_huge_lr_diverges_cleanly(tmp_path: Path, text_file: Path) -> None:
+    # no clipping and lr 1e6: weights blow up within a few steps; the run must stop on a non-finite number
+    cfg = tiny_cfg(text_file, **{"train.lr": 1e6, "train.grad_clip": 0.0, "train.warmup": 0, "train.steps": 30,
+                                 "train.eval_every": 0, "train.ckpt_every": 0})
+    with pytest.raises(TrainingDiverged, match=r"step \d+: the (training loss|gradient norm) is (nan|inf)"):
+        Trainer(cfg, tmp_path / "r", progress=False).run()
+
+
+def test_token_ids_beyond_vocab_are_rejected(tmp_path: Path) -> None:
+    np.save(tmp_path / "ids.npy", (np.arange(2000) % 300).astype(np.int32))
+    cfg = apply_overrides(get_preset("tiny"), tiny_overrides(tmp_path / "ids.npy"))
+    with pytest.raises(DataError, match=r"token id 299 does not fit model\.vocab_size=256.*vocab_size=300"):
+        Trainer(cfg, tmp_path / "r", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- parallel seam
+class CountingHooks(LocalHooks):
+    """Single-process hooks that record the calls the loop makes."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def wrap_model(self, model):  # type: ignore[no-untyped-def]
+        self._count("wrap_model")
+        return model
+
+    def reduce_gradients(self, model):  # type: ignore[no-untyped-def]
+        self._count("reduce_gradients")
+
+    def full_state_dict(self, model):  # type: ignore[no-untyped-def]
+        self._count("full_state_dict")
+        return model.state_dict()
+
+
+def test_trainer_calls_the_parallel_hooks(tmp_path: Path, text_file: Path) -> None:
+    hooks = CountingHooks()
+    res = Trainer(tiny_cfg(text_file), tmp_path / "r", hooks=hooks, progress=False).run()
+    assert hooks.calls == {"wrap_model": 1, "reduce_gradients": 8, "full_state_dict": 2}
+    assert res.step == 8 and math.isfinite(res.val_loss)
+
+
+def test_dense_preset_trains_and_logs_no_routing(tmp_path: Path, text_file: Path) -> None:
+    cfg = apply_overrides(get_preset("tiny-dense"), {k: v for k, v in tiny_overrides(text_file).items()
+                                                    if not k.startswith("model.moe")})
+    assert isinstance(cfg.model, ModelConfig) and cfg.model.moe is None
+    res = Trainer(cfg, tmp_path / "d", progress=False).run()
+    recs = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert res.step == 8 and all(r["layers"] == [] for r in recs if r["kind"] == "train")
+    assert res.val_loss < math.log(256)  # it learned something in 8 steps

@@ -1,0 +1,170 @@
+"""Translation task: synthetic languages, corpus split, vocabulary, language x expert statistics, CLI and ablation."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeflow.analysis.routing_lang import LanguageRouting, entropy_bits, mutual_information_bits
+from moeflow.cli import main
+from moeflow.config import ConfigError, MoEConfig
+from moeflow.layers import MoELayer
+from moeflow.tasks.ablation import ablation_variants, parse_axis
+from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, pydoc_text, segment_sentences, split_corpus
+from moeflow.tasks.translate import CharVocab, TranslateData, apply_overrides, edit_distance, translate_preset
+
+WORDS = st.text(alphabet="'" + string.ascii_lowercase, min_size=1, max_size=8)
+SENTENCES = st.lists(WORDS, min_size=1, max_size=6).map(" ".join)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return segment_sentences(pydoc_text(), max_chars=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(SENTENCES)
+def test_languages_are_invertible_and_length_preserving(s: str) -> None:
+    for lang in LANGUAGES.values():
+        out = lang.encode(s)
+        assert lang.decode(out) == s
+        assert len(out) == len(s) and set(out) <= set(CHARSET)
+
+
+def test_languages_on_the_corpus_are_invertible_distinct_and_deterministic(corpus: list[str]) -> None:
+    assert len(corpus) > 2000 and all(12 <= len(s) <= 32 and set(s) <= set(CHARSET) for s in corpus)
+    outs = {code: [lang.encode(s) for s in corpus] for code, lang in LANGUAGES.items()}
+    for code, lang in LANGUAGES.items():
+        assert [lang.decode(o) for o in outs[code]] == corpus
+        assert sum(o != s for o, s in zip(outs[code], corpus)) > 0.9 * len(corpus)  # not the identity
+    codes = list(LANGUAGES)
+    for i, a in enumerate(codes):
+        for b in codes[i + 1:]:
+            assert sum(x != y for x, y in zip(outs[a], outs[b])) > 0.9 * len(corpus), (a, b)
+    assert LANGUAGES["cip"].encode("abc xyz") == "qwe bnm"
+    assert LANGUAGES["vow"].encode("the queue") == "thi qaiai"
+    assert LANGUAGES["rev"].encode("one two three") == "three two one"
+    assert LANGUAGES["wrv"].encode("one two's") == "eno s'owt"
+    assert segment_sentences(pydoc_text(), max_chars=32) == corpus
+
+
+def test_split_is_deterministic_disjoint_and_order_free(corpus: list[str]) -> None:
+    train, held = split_corpus(corpus, 10)
+    assert not set(train) & set(held) and len(train) + len(held) == len(corpus)
+    assert 0.05 < len(held) / len(corpus) < 0.15
+    train_r, held_r = split_corpus(list(reversed(corpus)), 10)
+    assert set(held_r) == set(held) and set(train_r) == set(train)
+
+
+def test_segmentation_breaks_at_punctuation_and_code() -> None:
+    text = "The value is returned, and x = f(y) is called here. Then nothing else happens at all."
+    assert segment_sentences(text, max_chars=32, min_chars=6, min_words=2) == [
+        "is called here", "the value is returned", "then nothing else happens at all"]
+
+
+def test_vocab_round_trip_and_text_check() -> None:
+    v = CharVocab()
+    ids = v.source("it's here", "rev")
+    assert v.itos[ids[0]] == "<2rev>" and ids[-1] == v.eos and v.decode(ids) == "it's here"
+    assert v.decode(v.target("abc") + v.target("zzz")) == "abc"
+    assert check_text("  Hello   World ") == "hello world"
+    with pytest.raises(ValueError, match="outside the task charset"):
+        check_text("x = 1")
+
+
+def test_edit_distance() -> None:
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == 3 and edit_distance("abc", "abc") == 0
+
+
+def test_mutual_information_on_hand_examples() -> None:
+    independent = torch.outer(torch.tensor([1.0, 3.0, 4.0]), torch.tensor([2.0, 2.0, 1.0, 5.0]))
+    assert mutual_information_bits(independent) == pytest.approx(0.0, abs=1e-12)
+    deterministic = torch.diag(torch.tensor([5.0, 5.0, 5.0, 5.0]))  # language l always goes to expert l
+    assert mutual_information_bits(deterministic) == pytest.approx(2.0)
+    assert entropy_bits(deterministic.sum(0)) == pytest.approx(2.0)
+    # two languages, each split evenly over its own pair of experts: I = H(L) = 1 bit, H(E) = 2 bits
+    pairs = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    assert mutual_information_bits(pairs) == pytest.approx(1.0)
+    # binary symmetric channel with flip probability 0.1: I = 1 - H2(0.1)
+    bsc = torch.tensor([[0.45, 0.05], [0.05, 0.45]])
+    h2 = -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9))
+    assert mutual_information_bits(bsc) == pytest.approx(1 - h2)
+
+
+def test_language_routing_counts_a_real_routing() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=2, router="gshard", capacity_factor=0.5,
+                               random_routing=False))
+    x = torch.randn(12, 8)
+    layer(x)
+    r = layer.last_routing
+    lang_T = torch.tensor([0, 1, 2] * 3)  # the last 3 rows play group top-up rows: ignored
+    stats = LanguageRouting(["a", "b", "c"], 4)
+    stats.add(r, lang_T)
+    assert stats.routed_LE.sum() == 2 * 9 and stats.first_LE.sum() == 9 and stats.tokens_L.tolist() == [3, 3, 3]
+    e1 = r.expert_ids_N[:9]
+    for li in range(3):
+        expected = torch.bincount(e1[lang_T == li], minlength=4).double()
+        assert torch.equal(stats.first_LE[li], expected)
+    kept = int(r.kept_N.view(2, 12)[:, :9].sum())
+    assert stats.kept_LE.sum() == kept and stats.dropped_fraction() == pytest.approx(1 - kept / 18)
+    s = stats.summary()
+    assert 0 <= s["mi_bits"] <= s["max_mi_bits"] + 1e-12 and 0 <= s["normalized_mi"] <= 1
+    assert 0 < s["router_entropy_bits"] <= 2.0 + 1e-9
+
+
+def test_overrides_and_ablation_variants() -> None:
+    cfg = apply_overrides(translate_preset("gshard"), ["steps=7", "model.moe.capacity_factor=2",
+                                                       "languages=['cip','rev']"])
+    assert cfg.steps == 7 and cfg.model.moe.capacity_factor == 2.0 and cfg.languages == ["cip", "rev"]
+    with pytest.raises(ConfigError, match="unknown field"):
+        apply_overrides(cfg, ["model.moe.capacity=2"])
+    with pytest.raises(ValueError, match="unknown language"):
+        apply_overrides(cfg, ["languages=['xyz']"])
+    names = [n for n, _ in ablation_variants(cfg, dict([parse_axis("capacity_factor=0.5,2"),
+                                                        parse_axis("random_routing=on,off")]))]
+    assert names == ["base", "capacity_factor=0.5", "random_routing=False", "dense"]
+    grid = ablation_variants(cfg, dict([parse_axis("num_groups=1,4"), parse_axis("moe_every=1,2")]), grid=True,
+                             dense=False)
+    assert len(grid) == 4 and grid[-1][1].model.moe.num_groups == 4 and grid[-1][1].model.moe_every == 2
+
+
+def test_train_translate_and_ablate_commands_run_on_a_tiny_config(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["translate-train", "--preset", "tiny", "--set", "steps=6", "--set", "eval_sentences=4",
+                 "--out", str(run)]) == 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "report.md",
+                 "routing_heatmap.png"):
+        assert (run / name).is_file(), name
+    assert "I(language; expert)" in (run / "report.md").read_text()
+    assert main(["translate", "--run", str(run), "--to", "cip,rev", "--text", "the value is here",
+                 "--beam", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "<2cip> 'the value is here' ->" in out and "<2rev>" in out
+    assert main(["translate", "--run", str(tmp_path / "missing"), "--to", "cip", "--text", "a b"]) == 2
+    assert main(["ablate", "--task", "translate", "--preset", "tiny", "--steps", "3", "--set", "eval_sentences=2",
+                 "--axis", "capacity_factor=0.5,1.0", "--axis", "random_routing=off", "--out",
+                 str(tmp_path / "abl")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("variant"))
+    assert [line.split()[0] for line in table[header + 1:]] == [
+        "base", "capacity_factor=0.5", "random_routing=False", "dense"]
+    assert (tmp_path / "abl" / "ablation.md").is_file()
+
+
+def test_translate_data_pairs_are_consistent() -> None:
+    data = TranslateData(["vow", "wrv"], text=pydoc_text()[:60000])
+    src, tin, tout, lang = data.sample(8, torch.Generator().manual_seed(0))
+    v = data.vocab
+    for i in range(8):
+        code = data.codes[int(lang[i])]
+        english = v.decode(src[i].tolist())
+        assert v.itos[int(src[i, 0])] == f"<2{code}>"
+        assert v.decode(tout[i].tolist()) == LANGUAGES[code].encode(english)
+        assert tin[i, 0] == v.bos and torch.equal(tin[i, 1:][tout[i, 1:] != 0], tout[i, :-1][tout[i, 1:] != 0])
