@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
@@ -24,6 +24,7 @@ from moeflow.ops.capacity import capacity_keep
 @given(cf_cents=st.integers(1, 400), k=st.integers(1, 4), tokens=st.integers(0, 300), e=st.integers(4, 16),
        min_cap=st.integers(0, 6))
 @settings(max_examples=60)
+@example(cf_cents=110, k=2, tokens=200, e=8, min_cap=0)  # float arithmetic would give 56
 def test_capacity_formula_is_exact(cf_cents, k, tokens, e, min_cap) -> None:
     """cfg.capacity(T_g) = max(ceil(cf * k * T_g / E), min_capacity) in exact arithmetic on the decimal cf."""
     cfg = MoEConfig(d_model=4, d_hidden=4, num_experts=e, top_k=k, capacity_factor=cf_cents / 100,
@@ -32,8 +33,9 @@ def test_capacity_formula_is_exact(cf_cents, k, tokens, e, min_cap) -> None:
 
 
 def test_capacity_formula_edge_values() -> None:
-    """Float products must not round the ceiling up: 1.1 * 10 = 11.000000000000002 in floats, but C = 11."""
-    assert expert_capacity(1.1, 1, 10, 1) == 11
+    """Float products must not round the ceiling up: 1.1 * 2 * 200 / 8 = 55.00000000000001 in floats, C = 55."""
+    assert expert_capacity(1.1, 2, 200, 8) == 55
+    assert expert_capacity(1.1, 1, 100, 10) == 11
     assert expert_capacity(0.7, 3, 10, 21) == 1
     assert expert_capacity(1.25, 2, 8, 4) == 5
     assert expert_capacity(1.0, 1, 0, 4) == 0 and expert_capacity(1.0, 1, 0, 4, min_capacity=2) == 2

@@ -93,7 +93,7 @@ def test_sampling_is_reproducible_with_a_generator() -> None:
     prompt = torch.randint(0, 53, (2, 4))
 
     def run(seed: int, **kw: object) -> torch.Tensor:
-        return generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return generate(model, prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
 
     a, b, c = run(7), run(7), run(8)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -167,3 +167,27 @@ def test_generate_errors_and_mode() -> None:
         sample_next(torch.zeros(1, 5), temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(torch.zeros(1, 5), top_p=1.5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_positions_computed_per_step(use_cache: bool) -> None:
+    model = make_model(DROPLESS["topk"])
+    seen: list[int] = []
+    model.tok_embeddings.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].shape[1]))
+    generate(model, torch.zeros(2, 5, dtype=torch.long), 6, temperature=0.0, use_cache=use_cache)
+    # with the cache: prefill once, then one position per new token (the last token is never fed back)
+    assert seen == ([5, 1, 1, 1, 1, 1] if use_cache else [5, 6, 7, 8, 9, 10])
+
+
+def test_bfloat16_model_decodes_with_a_bfloat16_cache() -> None:
+    model = make_model(None, seed=5)
+    ids = torch.randint(0, 53, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(ids)
+        model.to(torch.bfloat16)
+        cache = model.new_cache(2)
+        assert cache.k.dtype == torch.bfloat16
+        got = torch.cat([model(ids[:, :4], cache), model(ids[:, 4:], cache)], dim=1)
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits: a few 1e-2 of absolute error on logits of size ~ref.abs().max()
+    assert (got.float() - ref).abs().max() < 0.03 * ref.abs().max()

@@ -150,7 +150,10 @@ def test_checkpoint_round_trip(tmp_path: Path, text_file: Path) -> None:
     assert ck["config"] == t.cfg.to_dict()
     for k, v in t.model.state_dict().items():
         assert torch.equal(ck["model"][k], v), k
-    assert ck["optimizer"]["state"].keys() == t.optimizer.state_dict()["state"].keys()
+    params = dict(t.model.named_parameters())
+    assert set(ck["optimizer"]["state"]) == set(params)  # keyed by name (the layout moeflow.parallel gathers)
+    for name, entry in ck["optimizer"]["state"].items():
+        assert torch.equal(entry["exp_avg"], t.optimizer.state[params[name]]["exp_avg"]), name
     assert torch.equal(ck["data"]["generator"], t.batches.generator.get_state())
 
 
@@ -187,12 +190,15 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in recs if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("router", ["topk", "noisy_topk"])
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "deepseek"])
 def test_resume_equals_uninterrupted_run(tmp_path: Path, text_file: Path, router: str) -> None:
-    # noisy_topk draws router noise from the global RNG and drops with a capacity: both must be restored exactly
-    extra = {"model.moe.router": router}
+    # noisy_topk draws router noise from the global RNG and drops with a capacity; deepseek updates its balancing
+    # bias after every step: all of it must be restored exactly
+    extra: dict[str, object] = {"model.moe.router": router}
     if router == "noisy_topk":
         extra["model.moe.capacity_factor"] = 1.0
+    if router == "deepseek":
+        extra["model.moe.bias_update_rate"] = 0.01
     cfg = tiny_cfg(text_file, **extra)
     full = Trainer(cfg, tmp_path / "full", progress=False)
     res_full = full.run()
@@ -208,6 +214,9 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, text_file: Path, router
     assert res_full.val_loss == res_resumed.val_loss
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+    if router == "deepseek":  # the trainer applied the post-step bias update
+        biases = [m.router.e_score_correction_bias for m in full.model.moe_layers()]
+        assert all(b.abs().max() > 0 for b in biases)
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path, text_file: Path) -> None:

@@ -135,10 +135,10 @@ def test_overrides_and_ablation_variants() -> None:
     assert len(grid) == 4 and grid[-1][1].model.moe.num_groups == 4 and grid[-1][1].model.moe_every == 2
 
 
-def test_train_translate_and_ablate_commands_run_on_a_tiny_config(tmp_path, capsys) -> None:
+def test_train_and_translate_commands_on_a_tiny_config(tmp_path, capsys) -> None:
     run = tmp_path / "run"
-    assert main(["translate-train", "--preset", "tiny", "--set", "steps=6", "--set", "eval_sentences=4",
-                 "--out", str(run)]) == 0
+    assert main(["train", "--task", "translate", "--preset", "tiny", "--max-steps", "6", "--set",
+                 "eval_sentences=4", "--out", str(tmp_path), "--name", "run"]) == 0
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", "report.md",
                  "routing_heatmap.png"):
         assert (run / name).is_file(), name
@@ -148,6 +148,9 @@ def test_train_translate_and_ablate_commands_run_on_a_tiny_config(tmp_path, caps
     out = capsys.readouterr().out
     assert "<2cip> 'the value is here' ->" in out and "<2rev>" in out
     assert main(["translate", "--run", str(tmp_path / "missing"), "--to", "cip", "--text", "a b"]) == 2
+
+
+def test_ablate_command_prints_the_table(tmp_path, capsys) -> None:
     assert main(["ablate", "--task", "translate", "--preset", "tiny", "--steps", "3", "--set", "eval_sentences=2",
                  "--axis", "capacity_factor=0.5,1.0", "--axis", "random_routing=off", "--out",
                  str(tmp_path / "abl")]) == 0

@@ -21,7 +21,7 @@ def expert_capacity(capacity_factor: float, top_k: int, tokens: int, num_experts
     """Slots per expert: max(ceil(capacity_factor * top_k * tokens / num_experts), min_capacity).
 
     NOTE: the product is taken in exact rational arithmetic on the factor's decimal value, because in floats
-    1.1 * 10 = 11.000000000000002 and the ceiling would give 12 slots instead of 11.
+    1.1 * 100 / 10 = 11.000000000000002 and the ceiling would give 12 slots instead of 11.
     """
     exact = Fraction(repr(float(capacity_factor))) * top_k * tokens / num_experts
     return max(math.ceil(exact), min_capacity)

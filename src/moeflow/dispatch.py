@@ -10,8 +10,33 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moeflow.routing.base import Routing
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[t] = sum of w_r * y_r over the rows r of token t: one index_add into [T, D], with a hand-written backward.
+
+    Autograd through `y * w` then a scatter would keep an extra [R, D] product and build its gradients from
+    an expanded copy; here the backward is one gather of the output gradient, reused in place.
+    """
+
+    @staticmethod
+    def forward(ctx, y_RD: Tensor, w_R: Tensor, token_ids_R: Tensor, num_tokens: int) -> Tensor:  # type: ignore[override]
+        """Weighted scatter-add of rows into their tokens (CPU index_add is serial over rows: deterministic)."""
+        ctx.save_for_backward(y_RD, w_R, token_ids_R)
+        return y_RD.new_zeros(num_tokens, y_RD.shape[1]).index_add_(0, token_ids_R, y_RD * w_R.unsqueeze(1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        """d/dy_r = w_r * g[t_r]; d/dw_r = <g[t_r], y_r>."""
+        y_RD, w_R, token_ids_R = ctx.saved_tensors
+        g_RD = g_TD.index_select(0, token_ids_R)
+        gw_R = torch.linalg.vecdot(g_RD, y_RD) if ctx.needs_input_grad[1] else None
+        gy_RD = g_RD.mul_(w_R.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return gy_RD, gw_R, None, None
 
 
 @dataclass
@@ -54,10 +79,11 @@ class LocalDispatcher:
 
     def combine(self, y_RD: Tensor, plan: DispatchPlan) -> Tensor:
         """Weighted sum of each token's expert outputs: [T, D] (zero where nothing was kept)."""
-        yw_RD = y_RD * plan.weights_R.to(y_RD.dtype).unsqueeze(1)
-        d = y_RD.shape[1]
-        if plan.top_k > 0:
-            # token-choice: put rows back in slot-major order and sum the K slots (no atomics, deterministic)
-            out_ND = yw_RD.new_zeros(plan.num_assignments, d).index_copy(0, plan.assignment_R, yw_RD)
-            return out_ND.view(plan.top_k, plan.num_tokens, d).sum(0)
-        return yw_RD.new_zeros(plan.num_tokens, d).index_add(0, plan.token_ids_R, yw_RD)
+        w_R = plan.weights_R.to(y_RD.dtype)
+        if y_RD.device.type == "cpu" or plan.top_k == 0:
+            return _CombineRows.apply(y_RD, w_R, plan.token_ids_R, plan.num_tokens)
+        # token-choice off CPU: put rows back in slot-major order and sum the K slots (CUDA's index_add uses
+        # atomics, this does not: deterministic)
+        yw_RD = y_RD * w_R.unsqueeze(1)
+        out_ND = yw_RD.new_zeros(plan.num_assignments, y_RD.shape[1]).index_copy(0, plan.assignment_R, yw_RD)
+        return out_ND.view(plan.top_k, plan.num_tokens, y_RD.shape[1]).sum(0)

@@ -16,9 +16,10 @@ from dist_harness import world_mean
 from moeflow import MoEConfig, MoELayer
 from moeflow.models import MoETransformer
 from moeflow.models.config import ModelConfig
-from moeflow.parallel import (ParallelDims, all_to_all, allreduce_gradients, clip_grad_norm_, expert_parameters,
-                              gather_full_optimizer_state, gather_full_state_dict, init_distributed, is_main,
-                              load_full_optimizer_state, load_full_state_dict, parallelize)
+from moeflow.parallel import (ParallelDims, all_to_all, allreduce_gradients, barrier_with_timeout, clip_grad_norm_,
+                              expert_parameters, gather_full_optimizer_state, gather_full_state_dict,
+                              init_distributed, is_main, load_full_optimizer_state, load_full_state_dict,
+                              parallelize, update_router_biases)
 
 T_LOCAL, D = 12, 8
 CASES: dict[str, dict] = {
@@ -29,6 +30,7 @@ CASES: dict[str, dict] = {
     "gshard_top2": dict(router="gshard", top_k=2, capacity_factor=1.0),
     "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=1.0),
     "hierarchical": dict(router="hierarchical", top_k=2, num_clusters=4),
+    "deepseek_bias": dict(router="deepseek", top_k=2, n_group=4, topk_group=2, bias_update_rate=0.01),
     "topk_dedup": dict(router="topk", top_k=3, shared_d_hidden=4, mode="dedup"),
     "gshard_dedup": dict(router="gshard", top_k=2, capacity_factor=1.0, mode="dedup"),
     "hierarchical_dedup": dict(router="hierarchical", top_k=2, num_clusters=4, mode="dedup"),
@@ -86,6 +88,12 @@ def _layer_case(name: str, rank: int, world: int, dims) -> dict[str, float]:
            "dropped_ref": float(routing.dropped_fraction),
            "min_split": float(min(layer.dispatcher.last_comm.recv_rows)) if dims.ep > 1 else -1.0,
            "sent_rows": float(sum(layer.dispatcher.last_comm.send_rows)) if dims.ep > 1 else -1.0}
+    if cfg.router == "deepseek":  # the aux-free bias update must see the global load on every rank
+        ref.router.update_bias(routing.tokens_per_expert)
+        update_router_biases(layer, dims)
+        bias = layer.router.e_score_correction_bias
+        out["bias"] = float((bias - ref.router.e_score_correction_bias).abs().max())
+        out["bias_unmoved"] = float(bool(bias.abs().max() == 0))  # 1 would mean the update did nothing
     for key, val in routing.losses.items():
         out[f"loss:{key}"] = float((world_mean(layer.last_routing.losses[key]) - val).abs())
     ref_params = dict(ref.named_parameters())
@@ -195,5 +203,6 @@ def train_worker(rank: int, world: int, runs: list[tuple[str, int]], ckpt_dir: s
 def combined_worker(rank: int, world: int, parity_eps: list[int], train_runs: list[tuple[str, int]], ckpt_dir: str,
                     resume: bool) -> dict:
     """Layer parity for every EP size in `parity_eps`, then the training runs."""
-    return {"parity": parity_worker(rank, world, parity_eps),
-            "train": train_worker(rank, world, train_runs, ckpt_dir, resume)}
+    parity = parity_worker(rank, world, parity_eps)
+    barrier_with_timeout(init_distributed(ep=1), "between parity and training", timeout_s=60)  # all arrive
+    return {"parity": parity, "train": train_worker(rank, world, train_runs, ckpt_dir, resume)}

@@ -5,13 +5,12 @@ Both workers run an EP=2 MoE layer for three steps; at step 1 rank 1 misbehaves 
   dispatch all-to-all sees the closed connection, and the error crosses autograd with its type intact;
 - hung: it blocks in the experts' FORWARD (between dispatch and combine) -> rank 0's combine all-to-all hits
   the group timeout (3 s): no connection drops, so only the timeout can end the wait.
-Rank 0 then calls `barrier_with_timeout`, whose error must name the missing rank.
+Rank 0 then calls `barrier_with_timeout` (2 s), whose error must name the missing rank.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -84,7 +83,6 @@ def test_peer_failure_raises_within_timeout(how: str, tmp_path: Path) -> None:
     assert got["elapsed"] < 30, f"took {got['elapsed']:.1f}s to notice the {how} peer"
     if how == "hung":  # no connection drop to notice: only the group timeout can end the wait
         assert got["elapsed"] >= GROUP_TIMEOUT_S * 0.8, got
-    # gloo's monitored barrier (run by rank 0) names the ranks that never arrived
-    assert got["barrier"] is not None and re.search(r"Ranks? 1 failed", got["barrier"]), got
-    assert got["barrier_elapsed"] < 10, got
+    assert got["barrier"] is not None and "ranks [1] did not reach 'post-failure barrier'" in got["barrier"], got
+    assert 1.5 < got["barrier_elapsed"] < 10, got
     assert wall < 90

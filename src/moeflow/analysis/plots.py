@@ -54,8 +54,20 @@ def plot_loss(train_steps: np.ndarray, train_loss: np.ndarray, val_steps: np.nda
     return Path(path)
 
 
-def plot_expert_load(steps: np.ndarray, shares: list[np.ndarray], path: str | Path) -> Path:
-    """One heat map per MoE layer: steps (x) by experts (y), colour = share of the layer's kept assignments."""
+def _bin_steps(steps: np.ndarray, shares: list[np.ndarray], max_columns: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Average consecutive steps into at most `max_columns` bins (single-step loads are noisy)."""
+    if steps.size <= max_columns:
+        return steps, shares
+    edges = np.linspace(0, steps.size, max_columns + 1).astype(int)
+    binned_steps = np.array([steps[b - 1] for b in edges[1:]])
+    return binned_steps, [np.stack([s[a:b].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])]) for s in shares]
+
+
+def plot_expert_load(steps: np.ndarray, shares: list[np.ndarray], path: str | Path, max_columns: int = 100) -> Path:
+    """One heat map per MoE layer: steps (x) by experts (y), colour = share of the layer's kept assignments.
+
+    Runs longer than `max_columns` logged steps are averaged into that many bins.
+    """
     if not shares:
         raise ValueError("no MoE layers to plot")
     plt = _pyplot()
@@ -64,6 +76,7 @@ def plot_expert_load(steps: np.ndarray, shares: list[np.ndarray], path: str | Pa
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 2.6 * rows), squeeze=False)
     vmax = max(float(s.max()) for s in shares if s.size) if any(s.size for s in shares) else 1.0
+    steps, shares = _bin_steps(steps, shares, max_columns)
     for i, share_SE in enumerate(shares):
         ax = axes[i // cols][i % cols]
         e = share_SE.shape[1]

@@ -7,12 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from moeflow.config import ConfigError
 from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
 from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
                                   load_config_file, parse_set)
 from moeflow.train.data import DataError
+from moeflow.tasks.translate import TRANSLATE_PRESETS
 from moeflow.train.trainer import Trainer, TrainingDiverged, TrainResult
 
 DEFAULT_PRESET = "tiny"
@@ -21,8 +23,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """Flags that define a run's config (shared by train and compare)."""
-    p.add_argument("--preset", choices=sorted(RUN_PRESETS), default=None,
-                   help=f"named model + training preset (default {DEFAULT_PRESET})")
+    p.add_argument("--preset", choices=sorted(set(RUN_PRESETS) | set(TRANSLATE_PRESETS)), default=None,
+                   help=f"named model + training preset (default {DEFAULT_PRESET}; with --task translate one of "
+                        f"{', '.join(TRANSLATE_PRESETS)}, default gshard)")
     p.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of overrides, nested like "
                    "config.json: {\"train\": {\"lr\": 1e-3}}")
     p.add_argument("--data", metavar="PATH", help="a text file, a folder of text files, or a pre-tokenised .bin/.npy "
@@ -70,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
     p.add_argument("--report-only", metavar="RUN_DIR", help="re-render RUN_DIR's report.md and exit")
+    p.add_argument("--task", choices=["lm", "translate"], default="lm", help="lm: language model (default); "
+                   "translate: the embedded multilingual translation task (--set takes its keys, e.g. steps=500)")
     p.set_defaults(func=run)
 
 
@@ -92,8 +97,9 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str | None, Pat
     return (apply_overrides(cfg, extra) if extra else cfg), preset, run_dir
 
 
-def print_summary(result: TrainResult, report: Path, stream=sys.stdout) -> None:
+def print_summary(result: TrainResult, report: Path, stream: TextIO | None = None) -> None:
     """The final lines: losses, speed, and where everything is."""
+    stream = stream or sys.stdout
     m, s = divmod(int(result.elapsed_s), 60)
     print(f"done: {result.step} steps in {m}:{s:02d} (median {result.tokens_per_s:,.0f} tokens/s)", file=stream)
     print(f"  train loss {result.train_loss:.4f} | validation loss {result.val_loss:.4f} nats/byte = "
@@ -115,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     """Resolve the config, train (or resume), write the report, print the summary."""
     from moeflow.analysis.report import write_report
 
+    if args.task == "translate":
+        from moeflow.cli.translate import run_from_train_command
+
+        return run_from_train_command(args)
     if args.list_keys:
         print("\n".join(config_keys()))
         return 0

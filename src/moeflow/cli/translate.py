@@ -1,7 +1,7 @@
 """`moeflow translate`: decode with a trained translation run; `moeflow translate-train`: train one.
 
-    moeflow translate-train --preset gshard --out runs/tr-gshard          # or: moeflow train --task translate
-    moeflow translate --run runs/tr-gshard --to cip --text "the return value must be a string"
+    moeflow train --task translate --preset gshard --name tr-gshard     # or: moeflow translate-train --out DIR
+    moeflow translate --run runs/tr-gshard --to cip,rev --text "the return value must be a string"
 """
 
 from __future__ import annotations
@@ -9,19 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from moeflow.config import ConfigError
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Options of a translation training run (shared by `translate-train` and `train --task translate`)."""
+    """Options of `translate-train` (`moeflow train --task translate` takes the same through train's flags)."""
     p.add_argument("--preset", default="gshard", help="gshard (default), switch, dense (gshard's equal-active "
                                                       "dense baseline) or tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. steps=500, model.moe.capacity_factor=2.0 (repeatable)")
     p.add_argument("--out", default=None, help="run folder (default runs/translate-<preset>)")
-    p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many training seconds (0: none)")
+    p.add_argument("--cpu-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop once training has used this much CPU time (= --set cpu_limit_s=SECONDS)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,17 +65,55 @@ def run_translate(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train from a preset plus overrides; print the per-language table at the end."""
+    """`moeflow translate-train`."""
+    extra = [] if args.cpu_limit is None else [f"cpu_limit_s={args.cpu_limit}"]
+    return train_task(args.preset, list(args.overrides) + extra, Path(args.out or f"runs/translate-{args.preset}"),
+                      args.quiet)
+
+
+def run_from_train_command(args: argparse.Namespace) -> int:
+    """`moeflow train --task translate`: map train's flags onto the translation run (unsupported ones refused)."""
+    unsupported = [flag for flag, value in (("--config", args.config), ("--data", args.data),
+                                            ("--resume", args.resume), ("--stop-at", args.stop_at),
+                                            ("--report-only", args.report_only), ("--list-keys", args.list_keys))
+                   if value]
+    if args.device not in (None, "cpu", "auto"):
+        unsupported.append("--device")
+    if unsupported:
+        print(f"moeflow train --task translate: {', '.join(unsupported)} not supported for this task (the corpus is "
+              "embedded; see `moeflow translate-train -h`)", file=sys.stderr)
+        return 2
+    preset = args.preset or "gshard"
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"steps={args.max_steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.show_config:
+        from moeflow.tasks.translate import apply_overrides, translate_preset
+
+        try:
+            print(json.dumps({"preset": preset, **apply_overrides(translate_preset(preset), overrides).to_dict()},
+                             indent=2))
+        except ConfigError as e:
+            print(f"moeflow: bad translate config: {e}", file=sys.stderr)
+            return 2
+        return 0
+    name = args.name or f"translate-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return train_task(preset, overrides, Path(args.out) / name, args.quiet)
+
+
+def train_task(preset: str, overrides: list[str], out: Path, quiet: bool = False) -> int:
+    """Train from a preset plus overrides into `out`; print the per-language table at the end."""
     from moeflow.tasks.translate import apply_overrides, translate_preset
     from moeflow.tasks.translate_train import train_translate
 
     try:
-        cfg = apply_overrides(translate_preset(args.preset), args.overrides)
-    except ConfigError as e:
+        cfg = apply_overrides(translate_preset(preset), overrides)
+    except (ConfigError, ValueError) as e:
         print(f"moeflow: bad translate config: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"runs/translate-{args.preset}")
-    summary = train_translate(cfg, out, time_limit_s=args.time_limit)
+    summary = train_translate(cfg, out, log=(lambda _: None) if quiet else print)
     print(f"\n{'language':<10}{'exact':>8}{'CER':>9}")
     for code, v in summary["eval"].items():
         print(f"{code:<10}{v['exact']:>8.3f}{v['cer']:>9.4f}")

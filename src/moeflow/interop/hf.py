@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from moeflow.interop.rules import check_keys, plan, slot_view, unique_state
 
 INDEX_NAME = "model.safetensors.index.json"
 MOEFLOW_CONFIG = "moeflow.json"
+REMAP_BYTES = 32 << 20  # file pages one safe_open mapping may keep resident before it is closed
 
 
 def _safetensors() -> Any:
@@ -77,6 +79,25 @@ def checkpoint_files(folder: Path) -> dict[str, list[str]]:
     return out
 
 
+def stream_tensors(path: Path, keys: list[str], remap_bytes: int = REMAP_BYTES) -> Iterator[tuple[str, Tensor]]:
+    """(key, tensor) for `keys` of one safetensors file, one tensor at a time.
+
+    NOTE: safe_open memory-maps the file, and every page read stays resident (and counted in RSS) until the
+    mapping closes: reading a whole shard through one handle would hold a second copy of it. Re-opening the
+    file every `remap_bytes` bounds that to `remap_bytes` while parsing the header only a few times per shard.
+    """
+    st = _safetensors()
+    i = 0
+    while i < len(keys):
+        with st.safe_open(str(path), framework="pt", device="cpu") as f:
+            mapped = 0
+            while i < len(keys) and mapped < remap_bytes:
+                t = f.get_tensor(keys[i])
+                mapped += t.numel() * t.element_size()
+                yield keys[i], t
+                i += 1
+
+
 def empty_model(arch: str, cfg: AnyConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
     """The model with uninitialised storage: built on meta (no init cost), then allocated (no copy)."""
     with torch.device("meta"):
@@ -112,7 +133,6 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: torch.de
     (-> SwitchTransformer). `dtype` defaults to the checkpoint's. The model remembers the HF config it came from
     (`model.hf_config`) so that `save_hf` writes back the fields moeflow does not model.
     """
-    st = _safetensors()
     folder = Path(path)
     hf = read_json(folder / "config.json")
     arch, cfg = config_from_hf(hf)
@@ -123,18 +143,15 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: torch.de
     check_keys(expected, {k for keys in files.values() for k in keys}, arch, str(folder), n_layers)
     params = unique_state(model)
     for fname, keys in files.items():
-        with st.safe_open(str(folder / fname), framework="pt", device="cpu") as f:
-            for key in keys:
-                slot = expected.get(key)
-                if slot is None:
-                    continue  # an ignored extra (check_keys vetted it)
-                dst = slot_view(params[slot.name], slot)
-                src = f.get_tensor(key)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{folder / fname}: tensor {key} has shape {tuple(src.shape)} but the model built "
-                                     f"from config.json expects {tuple(dst.shape)}; config.json and weights disagree")
-                dst.copy_(src)
-                del src
+        wanted = [k for k in keys if k in expected]  # the rest are ignored extras (check_keys vetted them)
+        for key, src in stream_tensors(folder / fname, wanted):
+            slot = expected[key]
+            dst = slot_view(params[slot.name], slot)
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"{folder / fname}: tensor {key} has shape {tuple(src.shape)} but the model built "
+                                 f"from config.json expects {tuple(dst.shape)}; config.json and weights disagree")
+            dst.copy_(src)
+            del src
     model.hf_config = hf  # type: ignore[assignment]
     model.hf_arch = arch  # type: ignore[assignment]
     return model.eval()
@@ -232,19 +249,18 @@ def load_moeflow(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
         raise ConfigError(f"{folder / MOEFLOW_CONFIG} is not a moeflow model description")
     arch = meta["arch"]
     cfg = config_from_dict(arch, meta["config"])
-    fname = str(folder / "model.safetensors")
-    with st.safe_open(fname, framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        model = empty_model(arch, cfg, DTYPES[meta.get("dtype", "float32")], device)
-        params = unique_state(model)
-        missing, extra = set(params) - keys, keys - set(params)
-        if missing or extra:
-            raise KeyError(f"{fname}: missing tensors {sorted(missing)[:8]}, unexpected tensors {sorted(extra)[:8]}")
-        for key in keys:
-            src = f.get_tensor(key)
-            if src.shape != params[key].shape:
-                raise ValueError(f"{fname}: {key} has shape {tuple(src.shape)}, expected {tuple(params[key].shape)}")
-            params[key].copy_(src)
+    fname = folder / "model.safetensors"
+    with st.safe_open(str(fname), framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+    model = empty_model(arch, cfg, DTYPES[meta.get("dtype", "float32")], device)
+    params = unique_state(model)
+    missing, extra = set(params) - set(keys), set(keys) - set(params)
+    if missing or extra:
+        raise KeyError(f"{fname}: missing tensors {sorted(missing)[:8]}, unexpected tensors {sorted(extra)[:8]}")
+    for key, src in stream_tensors(fname, keys):
+        if src.shape != params[key].shape:
+            raise ValueError(f"{fname}: {key} has shape {tuple(src.shape)}, expected {tuple(params[key].shape)}")
+        params[key].copy_(src)
     model.hf_config = meta.get("hf_config")  # type: ignore[assignment]
     model.hf_arch = arch  # type: ignore[assignment]
     return model.eval()

@@ -61,7 +61,8 @@ class ModelConfig:
         need(isinstance(self.head_dim, int) and self.head_dim >= 2 and self.head_dim % 2 == 0,
              f"ModelConfig.head_dim must be an even integer >= 2 (RoPE rotates pairs), got {self.head_dim!r}")
         need(isinstance(self.first_dense_layers, int) and 0 <= self.first_dense_layers <= self.n_layers,
-             f"ModelConfig.first_dense_layers must be in [0, n_layers={self.n_layers}], got {self.first_dense_layers!r}")
+             f"ModelConfig.first_dense_layers must be in [0, n_layers={self.n_layers}], "
+             f"got {self.first_dense_layers!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
@@ -122,6 +123,7 @@ class ModelConfig:
         return self._count(active=True)
 
     def _count(self, active: bool) -> int:
+        """Sum the parameters of every module MoETransformer builds (all experts, or top_k of them)."""
         d, hd = self.d_model, self.head_dim
         assert hd is not None
         emb = self.vocab_size * d
@@ -139,6 +141,7 @@ class ModelConfig:
 
 
 def _ffn_params(d: int, h: int, activation: str) -> int:
+    """w_in [F, D] (F = 2H when gated) + w_out [D, H], as in moeflow.layers.FFN."""
     return (2 * h if activation in GATED else h) * d + d * h
 
 
@@ -156,6 +159,7 @@ def _moe_params(m: MoEConfig, active: bool) -> int:
 
 
 def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
+    """Raise ConfigError naming every key of d that is not a field of the dataclass cls."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

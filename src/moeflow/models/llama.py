@@ -5,17 +5,19 @@ Module names follow Llama/gpt-fast (tok_embeddings, layers[i].attention.wq, ...,
 checkpoint conversion in moeflow.interop is a table of renames.
 
 MoE layers get the flattened [B*S, D] tokens: routing groups (MoEConfig.num_groups) split that flattened
-batch into contiguous chunks (num_groups = B gives one group per sequence in a full forward).
+batch into contiguous chunks (num_groups = B gives one group per sequence in a full forward; a cached
+decoding step has T = B tokens, so num_groups must divide B there).
 
 KV-cache decoding and MoE: a dropless router (capacity_factor=None: topk, switch, noisy_topk in eval,
 deepseek-style) routes each token from its own activations alone, so decoding with the cache gives the
 same logits as re-running the full prefix (tested). A router with a capacity couples the tokens of one
-call: capacity is ceil(cf * k * T / E) for the T tokens of *that call* (T = B * S on a full forward,
-T = B per cached decoding step), and which assignments are dropped depends on the other tokens, later
-positions included (slot-major priority puts every first choice before any second choice; expert choice
-lets experts pick among all positions). Such a model is therefore not strictly causal, and cached and
-uncached decoding can drop different assignments: both run, neither is wrong by the router's own rules,
-but they are not equal. For exact autoregressive decoding, evaluate with capacity_factor=None.
+call, in eval as in training: capacity is ceil(cf * k * T / E) for the T tokens of *that call*
+(T = B * S on a full forward, T = B per cached decoding step), and which assignments are dropped depends
+on the other tokens, later positions included (slot-major priority puts every first choice before any
+second choice; expert choice lets experts pick among all positions). Such a model is therefore not
+strictly causal, and cached and uncached decoding can drop different assignments: both run, neither is
+wrong by the router's own rules, but they are not equal. For exact autoregressive decoding, evaluate
+with capacity_factor=None.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         """Build embeddings, cfg.n_layers blocks, final norm and output head, then initialise."""
         super().__init__()
-        self.cfg = cfg
+        assert cfg.head_dim is not None  # resolved by ModelConfig.__post_init__
+        self.cfg, self.head_dim = cfg, cfg.head_dim
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -116,7 +119,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"positions up to {start + s} exceed max_seq_len={self.cfg.max_seq_len}; "
                              "shorten the input or raise ModelConfig.max_seq_len")
         positions = torch.arange(start, start + s, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim or 0, self.cfg.rope_theta)  # [S, Dh]
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)  # [S, Dh]
         h = self.tok_embeddings(input_ids)  # [B, S, D]
         for layer in self.layers:
             h = layer(h, cos, sin, cache)
@@ -130,7 +133,7 @@ class MoETransformer(nn.Module):
         if not 1 <= max_len <= self.cfg.max_seq_len:
             raise ValueError(f"cache max_len must be in [1, max_seq_len={self.cfg.max_seq_len}], got {max_len}")
         p = self.tok_embeddings.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim or 0,
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.head_dim,
                        dtype or p.dtype, p.device)
 
     def moe_layers(self) -> list[MoELayer]:

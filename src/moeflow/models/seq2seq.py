@@ -176,6 +176,10 @@ class CrossAttention(nn.Module):
 class MoEFFN(nn.Module):
     """An MoELayer that routes only the non-padding tokens and switches capacity between training and inference.
 
+    NOTE: with a capacity, training-time routing is not causal: a later token's first choice can take the slot of
+    an earlier token's second choice (GShard and Switch decoders share this); inference is dropless by default, so
+    decoding is causal and one-token-at-a-time decoding routes exactly as the full prefix.
+
     Padding never enters the router, so it takes no expert capacity and cannot change real tokens' outputs. With
     local groups the N routed tokens are topped up with zero rows to a multiple of G (they are the last rows, so
     they lose every capacity tie). After a forward, `last_batch_ids_N` gives the batch row of each routed token

@@ -25,7 +25,7 @@ _ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Ten
 _GATE_ACT = {"swiglu": "silu", "geglu": "gelu"}
 # rows per chunk of the fused MLP: about 1 MiB of [rows, F] fp32 activations, so chunk temporaries stay in L2
 # and come from the allocator's cache instead of fresh (page-faulting) memory
-_CHUNK_ELEMS = 1 << 18
+_CHUNK_ELEMS = 1 << 22
 
 
 class _LoopGroupedLinear(torch.autograd.Function):
@@ -170,35 +170,37 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
 class _GroupedMLP(torch.autograd.Function):
     """Expert FFNs over contiguous row blocks, fused and chunked: y = (act(x W_in^T) * scale) W_out^T.
 
-    Only x and the pre-activation h [R, F] are kept for the backward; the activation, its gradient and the
+    Only x and the pre-activation h (per chunk) are kept for the backward; the activation, its gradient and the
     gradient of h live one cache-sized chunk at a time (recomputed from h), so no [R, H] or [R, F] temporary
     is ever allocated, and the backward never builds the `cat` of the gate/up gradients that autograd would.
     """
 
     @staticmethod
     def forward(ctx, x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
-                scale_R: Tensor | None, splits: list[int], activation: str) -> Tensor:
-        """y[block e] = (act(x[block e] @ w_in[e]^T) * scale) @ w_out[e]^T."""
-        r, f = x_RD.shape[0], w_in_EFD.shape[1]
-        rows = max(1, _CHUNK_ELEMS // f)
-        keep = any(ctx.needs_input_grad)
-        h_RF = x_RD.new_empty(r, f) if keep else None
-        y_RD = x_RD.new_empty(r, w_out_EDH.shape[1])
+                scale_R: Tensor | None, splits: list[int], activation: str, keep: bool) -> Tensor:
+        """y[block e] = (act(x[block e] @ w_in[e]^T) * scale) @ w_out[e]^T; `keep`: save h for a backward."""
+        rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
+        y_RD = x_RD.new_empty(x_RD.shape[0], w_out_EDH.shape[1])
+        # the pre-activation is kept per chunk, not as one [R, F] tensor: blocks under glibc's 32 MiB mmap
+        # threshold are recycled by the heap, where one big block would be fresh, page-faulting memory every step
+        h_chunks = []
         for e, lo, hi, _ in _chunks(splits, rows):
-            h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t(), out=h_RF[lo:hi] if keep else None)
+            h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
             a, _ = _act_forward(h, activation)
             if scale_R is not None:
                 a.mul_(scale_R[lo:hi, None])
             torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
-        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, h_RF, scale_R)
-        ctx.splits, ctx.activation = splits, activation
+            if keep:
+                h_chunks.append(h)
+        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, scale_R, *h_chunks)
+        ctx.splits, ctx.activation, ctx.rows = splits, activation, rows
         return y_RD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_RD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """Per chunk: recompute act(h), then the gradients of w_out, scale, h, w_in and x in turn."""
-        x_RD, w_in_EFD, w_out_EDH, h_RF, scale_R = ctx.saved_tensors
+        x_RD, w_in_EFD, w_out_EDH, scale_R, *h_chunks = ctx.saved_tensors
         need_x, need_w_in, need_w_out, need_scale = ctx.needs_input_grad[:4]
         g_RD = g_RD.contiguous()
         gx_RD = torch.empty_like(x_RD) if need_x else None
@@ -206,9 +208,8 @@ class _GroupedMLP(torch.autograd.Function):
         gw_in = torch.empty_like(w_in_EFD) if need_w_in else None
         gw_out = torch.empty_like(w_out_EDH) if need_w_out else None
         gs_R = torch.empty_like(scale_R) if need_scale else None
-        rows = max(1, _CHUNK_ELEMS // h_RF.shape[1])
-        for e, lo, hi, first in _chunks(ctx.splits, rows):
-            g, h, x = g_RD[lo:hi], h_RF[lo:hi], x_RD[lo:hi]
+        for (e, lo, hi, first), h in zip(_chunks(ctx.splits, ctx.rows), h_chunks):
+            g, x = g_RD[lo:hi], x_RD[lo:hi]
             a, act_gate = _act_forward(h, ctx.activation)
             grad_a = torch.mm(g, w_out_EDH[e])
             if scale_R is not None:
@@ -229,7 +230,7 @@ class _GroupedMLP(torch.autograd.Function):
                 for gw in (gw_in, gw_out):
                     if gw is not None:
                         gw[e].zero_()
-        return gx_RD, gw_in, gw_out, gs_R, None, None
+        return gx_RD, gw_in, gw_out, gs_R, None, None, None
 
 
 def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
@@ -255,4 +256,6 @@ def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[
                                None if scale_R is None else scale_R.to(dtype))
     if scale_R is not None:
         scale_R = scale_R.to(x_RD.dtype)
-    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, scale_R, splits, activation)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x_RD, w_in_EFD, w_out_EDH, scale_R))
+    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, scale_R, splits, activation, keep)

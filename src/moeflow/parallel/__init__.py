@@ -23,6 +23,7 @@ without torchrun the same code runs as one process with ep=1):
         allreduce_gradients(model, dims)                 # replicated: world mean; experts: EDP sum / world
         clip_grad_norm_(model, dims, max_norm=1.0)       # global norm of the logical model
         opt.step(); opt.zero_grad(set_to_none=True)
+        update_router_biases(model, dims)                # DeepSeek aux-free bias from the GLOBAL load (if any)
         if step % save_every == 0:
             state = gather_full_state_dict(model, dims)  # collective; full [E, ...] experts on rank 0 only
             if is_main(dims):
@@ -39,7 +40,8 @@ Single-process equivalence: an EP layer on P ranks with `num_groups = g` routes 
 with `num_groups = P * g` on the concatenated batch (each rank's tokens are its own routing groups).
 """
 
-from moeflow.parallel.apply import allreduce_gradients, clip_grad_norm_, expert_parameters, moe_layers, parallelize
+from moeflow.parallel.apply import (allreduce_gradients, clip_grad_norm_, expert_parameters, moe_layers, parallelize,
+                                    update_router_biases)
 from moeflow.parallel.checkpoint import (gather_full_optimizer_state, gather_full_state_dict,
                                          load_full_optimizer_state, load_full_state_dict)
 from moeflow.parallel.collectives import all_to_all, exchange_counts
@@ -54,4 +56,4 @@ __all__ = ["ParallelDims", "ParallelConfigError", "init_distributed", "is_main",
            "EPDispatchPlan", "CommStats", "all_to_all", "exchange_counts", "gather_full_state_dict",
            "load_full_state_dict", "gather_full_optimizer_state", "load_full_optimizer_state", "DistributedHooks",
            "PeerFailureError", "barrier_with_timeout", "collective_guard", "hang_watchdog", "spawn_local",
-           "WorkerError"]
+           "WorkerError", "update_router_biases"]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeflow.parallel.apply import allreduce_gradients, clip_grad_norm_, parallelize
+from moeflow.parallel.apply import allreduce_gradients, clip_grad_norm_, parallelize, update_router_biases
 from moeflow.parallel.checkpoint import (gather_full_optimizer_state, gather_full_state_dict,
                                          load_full_optimizer_state, load_full_state_dict)
 from moeflow.parallel.groups import ParallelDims
@@ -84,3 +84,7 @@ class DistributedHooks:
                                   state: dict[str, Any]) -> None:
         """Load what `full_optimizer_state` saved, under any EP size."""
         load_full_optimizer_state(model, optimizer, state, self.dims)
+
+    def update_router_biases(self, model: nn.Module, rate: float | None = None) -> int:
+        """After optimizer.step(): DeepSeek-style bias update from the global expert load (same on every rank)."""
+        return update_router_biases(model, self.dims, rate)

@@ -6,7 +6,7 @@ Three layers, cheapest first:
    raises as soon as the connection drops.
 2. `collective_guard` wraps each of our collectives and converts the backend's low-level exception into a
    `PeerFailureError` that names the collective, the step and the rank, and says what to check.
-3. `barrier_with_timeout` uses gloo's `monitored_barrier`, which names the ranks that did not arrive;
+3. `barrier_with_timeout` waits on the store and names the ranks that did not arrive;
    `hang_watchdog` dumps every thread's stack if a step exceeds a wall-clock budget (for hangs outside
    collectives, e.g. a deadlocked data loader).
 """
@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -59,20 +58,29 @@ def collective_guard(collective: str, dims: ParallelDims, timeout_s: float | Non
         raise PeerFailureError(collective, dims, time.monotonic() - t0, exc, timeout_s) from exc
 
 
-def barrier_with_timeout(dims: ParallelDims, name: str = "barrier", timeout_s: float | None = None) -> None:
+def barrier_with_timeout(dims: ParallelDims, name: str = "barrier", timeout_s: float | None = None,
+                         poll_s: float = 0.02) -> None:
     """Wait for every rank, at most `timeout_s` (default: the group timeout); the error names the missing ranks.
 
-    On gloo this is `monitored_barrier` (rank 0 reports which ranks failed to arrive); on other backends a
-    plain barrier bounded by the process-group timeout.
+    Built on the process group's key-value store rather than on a collective: each rank publishes one key and
+    polls for the others', so the survivors always learn WHICH ranks never arrived, whether those died (a
+    collective would fail first with an anonymous closed connection) or hang, on any backend.
     """
     if not dims.distributed:
         return
     timeout_s = timeout_s if timeout_s is not None else dims.timeout_s
+    dims.barriers += 1  # every rank counts its barriers the same way, so keys of one barrier match
+    prefix = f"moeflow/barrier/{dims.barriers}/{name}"
+    keys = [f"{prefix}/{r}" for r in range(dims.world)]
+    t0 = time.monotonic()
     with collective_guard(name, dims, timeout_s):
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
-        else:
-            dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        store.set(keys[dims.rank], "1")
+        while not store.check(keys):
+            if time.monotonic() - t0 > timeout_s:
+                missing = [r for r, k in enumerate(keys) if not store.check([k])]
+                raise RuntimeError(f"ranks {missing} did not reach {name!r} within {timeout_s:g}s")
+            time.sleep(poll_s)
 
 
 @contextmanager

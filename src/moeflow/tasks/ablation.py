@@ -3,7 +3,8 @@
 By default one factor at a time around the base config (plus the dense model of equal active parameters), or the
 full grid with `grid=True`. Every variant trains with the same data, seed, steps and schedule; the table reports
 held-out exact match and CER (mean over languages), training tokens/s, mean dropped fraction during training, and
-the mean I(language; expert) over MoE layers.
+the mean I(language; expert) over MoE layers. Throughput is given per wall second and per CPU second of the
+training steps; on a shared machine only the latter is comparable between variants.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from moeflow.config import ConfigError
 from moeflow.models.seq2seq import dense_counterpart
-from moeflow.tasks.translate import TranslateConfig, TranslateData
+from moeflow.tasks.translate import TranslateConfig, load_data
 from moeflow.tasks.translate_train import train_translate
 
 DEFAULT_AXES: dict[str, list[Any]] = {
@@ -90,20 +91,25 @@ def ablation_variants(base: TranslateConfig, axes: dict[str, list[Any]], grid: b
 
 
 def run_ablation(variants: list[tuple[str, TranslateConfig]], out_dir: str | Path,
-                 log: Callable[[str], None] = print, verbose: bool = False) -> list[dict[str, Any]]:
-    """Train every variant (shared data), write ablation.json / ablation.md under out_dir, return the rows."""
+                 log: Callable[[str], None] = print, verbose: bool = False,
+                 figures: bool = False) -> list[dict[str, Any]]:
+    """Train every variant (shared data), write ablation.json / ablation.md under out_dir, return the rows.
+
+    Each variant's run folder gets its report.md; its PNG figures only with `figures`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = variants[0][1]
-    data = TranslateData(first.languages, first.max_chars, first.heldout_percent)
+    data = load_data(tuple(first.languages), first.max_chars, first.heldout_percent)
     rows = []
     for i, (name, cfg) in enumerate(variants):
         log(f"[{i + 1}/{len(variants)}] {name}")
         run = out_dir / f"{i:02d}_{_slug(name)}"
-        s = train_translate(cfg, run, data=data, log=log if verbose else (lambda _: None), report=True)
+        s = train_translate(cfg, run, data=data, log=log if verbose else (lambda _: None),
+                            figures=figures)
         mis = [r["mi_bits"] for r in s["routing"].values()]
         rows.append({"variant": name, "exact": s["mean_exact"], "cer": s["mean_cer"], "heldout_ce": s["heldout_ce"],
-                     "tokens_per_s": s["tokens_per_s"], "dropped": s["train_dropped_fraction"],
+                     "tokens_per_s": s["tokens_per_s"],
+                     "tokens_per_cpu_s": s["tokens_per_cpu_s"], "dropped": s["train_dropped_fraction"],
                      "mi_bits": sum(mis) / len(mis) if mis else None, "params": s["params"],
                      "active_params": s["active_params"], "train_s": s["train_s"],
                      "per_language": s["eval"], "run": str(run)})
@@ -119,9 +125,9 @@ def _slug(name: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """The ablation table (plain text or markdown)."""
-    head = ["variant", "exact", "CER", "held-out CE", "tokens/s", "dropped", "MI bits", "params", "active"]
+    head = ["variant", "exact", "CER", "held-out CE", "tokens/s", "tok/CPU-s", "dropped", "MI bits", "params", "active"]
     body = [[r["variant"], f"{r['exact']:.3f}", f"{r['cer']:.4f}", f"{r['heldout_ce']:.4f}",
-             f"{r['tokens_per_s']:,.0f}", f"{r['dropped']:.3f}",
+             f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.0f}", f"{r['dropped']:.3f}",
              "-" if r["mi_bits"] is None else f"{r['mi_bits']:.3f}", f"{r['params']:,}", f"{r['active_params']:,}"]
             for r in rows]
     if markdown:

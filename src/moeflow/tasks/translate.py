@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from moeflow.config import ConfigError, MoEConfig
 from moeflow.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, dense_counterpart
-from moeflow.models.seq2seq_decode import greedy_decode
+from moeflow.models.seq2seq_decode import beam_search, greedy_decode
 from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, get_languages, pydoc_text, segment_sentences, \
     split_corpus
 
@@ -81,6 +83,7 @@ class TranslateConfig:
     log_every: int = 50
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)
+    cpu_limit_s: float = 0.0  # stop once the training steps used this much process CPU time (0: run all steps)
 
     def __post_init__(self) -> None:
         """Validate the task and optimisation fields."""
@@ -89,7 +92,7 @@ class TranslateConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ConfigError(f"TranslateConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("warmup", "eval_every", "threads", "seed"):
+        for name in ("warmup", "eval_every", "threads", "seed", "cpu_limit_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TranslateConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0 and self.grad_clip >= 0):
@@ -141,7 +144,8 @@ def _tiny() -> TranslateConfig:
     # for tests and smoke runs: seconds, not minutes
     return TranslateConfig(model=_model(MoEConfig(d_model=32, d_hidden=16, num_experts=4, top_k=2, router="gshard",
                                                   capacity_factor=1.0), d_model=32, ffn_hidden=32, layers=2),
-                           steps=20, batch_size=16, eval_every=0, eval_sentences=8, log_every=5, warmup=5)
+                           steps=20, batch_size=16, eval_every=0, eval_sentences=8, log_every=5, warmup=5,
+                           threads=1)  # one thread: tiny ops are dominated by thread synchronisation
 
 
 TRANSLATE_PRESETS = {"gshard": _gshard, "switch": _switch, "dense": _dense, "tiny": _tiny}
@@ -157,7 +161,7 @@ def translate_preset(name: str) -> TranslateConfig:
 def apply_overrides(cfg: TranslateConfig, items: list[str]) -> TranslateConfig:
     """Apply `key=value` overrides (`steps=300`, `model.moe.capacity_factor=2.0`, `model.moe=None`).
 
-    Values are Python literals (bare words are taken as strings); each is type-checked against the field.
+    Values are Python literals (bare words are taken as strings), type-checked against the field's annotation.
     """
     d = cfg.to_dict()
     for item in items:
@@ -180,14 +184,32 @@ def apply_overrides(cfg: TranslateConfig, items: list[str]) -> TranslateConfig:
         leaf = parts[-1]
         if leaf not in hints:
             raise ConfigError(f"override {key!r}: unknown field {leaf!r}; known: {', '.join(sorted(hints))}")
-        if isinstance(value, int) and not isinstance(value, bool) and float in typing.get_args(hints[leaf]) + (
-                hints[leaf],):
-            value = float(value)
+        if not _accepts(hints[leaf], value):
+            raise ConfigError(f"override {key!r}: {value!r} is not a valid {hints[leaf]}")
+        if isinstance(value, int) and not isinstance(value, bool) and _accepts(hints[leaf], 0.5):
+            value = float(value)  # `lr=1` means 1.0
         node[leaf] = list(value) if isinstance(value, tuple) else value
     try:
         return TranslateConfig.from_dict(d)
     except TypeError as e:
         raise ConfigError(f"bad override: {e}") from None
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether `value` (a Python literal) fits the annotation `hint` (ints are accepted for floats)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, (list, tuple)) and all(_accepts(typing.get_args(hint)[0], v) for v in value)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
 
 
 @dataclass
@@ -246,6 +268,12 @@ class TranslateData:
         return torch.nonzero(self.heldout.lang == lang_index).squeeze(1)[:n]
 
 
+@functools.lru_cache(maxsize=4)
+def load_data(languages: tuple[str, ...], max_chars: int = 32, heldout_percent: int = 10) -> TranslateData:
+    """TranslateData for the pydoc corpus, memoised per process (segmenting and tokenising take seconds)."""
+    return TranslateData(list(languages), max_chars, heldout_percent)
+
+
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance (insert, delete, substitute: cost 1)."""
     prev = list(range(len(b) + 1))
@@ -281,12 +309,14 @@ def evaluate(model: Seq2SeqTransformer, data: TranslateData, n_per_lang: int,
 
 
 @torch.no_grad()
-def heldout_loss(model: Seq2SeqTransformer, data: TranslateData, batch_size: int = 256) -> float:
-    """Teacher-forced token-mean cross-entropy over every held-out pair (inference routing)."""
+def heldout_loss(model: Seq2SeqTransformer, data: TranslateData, n_per_lang: int, batch_size: int = 256) -> float:
+    """Teacher-forced token-mean cross-entropy over the first n held-out sentences of every language
+    (inference routing)."""
     was_training = model.training
     model.eval()
+    rows = torch.cat([data.heldout_rows(li, n_per_lang) for li in range(len(data.codes))])
     total = tokens = 0.0
-    for chunk in torch.arange(len(data.heldout)).split(batch_size):
+    for chunk in rows.split(batch_size):
         src, tin, tout, _ = data.heldout.batch(chunk)
         ce, _ = model.loss(src, tin, tout)
         n = float((tout != 0).sum())
@@ -299,8 +329,6 @@ def heldout_loss(model: Seq2SeqTransformer, data: TranslateData, batch_size: int
 def translate(model: Seq2SeqTransformer, vocab: CharVocab, texts: list[str], lang: str, beam_size: int = 1,
               max_new_tokens: int | None = None) -> list[str]:
     """Translate English texts into `lang` (greedy when beam_size == 1)."""
-    from moeflow.models.seq2seq_decode import beam_search
-
     get_languages([lang])
     norm = [check_text(t) for t in texts]
     rows = [vocab.source(t, lang) for t in norm]

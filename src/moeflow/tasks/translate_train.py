@@ -20,7 +20,7 @@ from torch import nn
 
 from moeflow.analysis.routing_lang import LanguageRouting, routing_markdown
 from moeflow.models.seq2seq import Seq2SeqTransformer
-from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss
+from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -93,18 +93,26 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
 
 
 def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: TranslateData | None = None,
-                    log: Callable[[str], None] = print, time_limit_s: float = 0.0,
-                    report: bool = True) -> dict[str, Any]:
+                    log: Callable[[str], None] = print, figures: bool = True) -> dict[str, Any]:
     """Train, evaluate and write the run folder; returns the summary (also saved as summary.json).
 
-    `time_limit_s` > 0 stops after that much training time (the schedule is still the one for cfg.steps).
+    `cfg.cpu_limit_s` > 0 stops once the training steps have used that much CPU time (process time: all threads,
+    unaffected by other processes on a shared machine); the schedule stays the one for cfg.steps.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, Path(run_dir), data, log, figures)
+    finally:
+        torch.set_num_threads(threads)  # the thread count is process-wide: leave it as we found it
+
+
+def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log: Callable[[str], None],
+           figures: bool) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    data = data or TranslateData(cfg.languages, cfg.max_chars, cfg.heldout_percent)
+    data = data or load_data(tuple(cfg.languages), cfg.max_chars, cfg.heldout_percent)
     model = Seq2SeqTransformer(cfg.model)
     opt = _optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -112,7 +120,7 @@ def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: Translat
     log(f"translate: {len(data.train_sentences)} train / {len(data.heldout_sentences)} held-out sentences x "
         f"{len(data.codes)} languages ({', '.join(data.codes)}); {model.num_params():,} params, "
         f"{model.num_params(active=True):,} active; {cfg.model.num_moe_layers()} MoE layers")
-    train_s = tokens = 0.0
+    train_s = cpu_s = tokens = 0.0
     drops: list[float] = []
     window_rates: list[float] = []
     last_eval: dict[str, Any] = {}
@@ -128,7 +136,7 @@ def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: Translat
             for g in opt.param_groups:
                 g["lr"] = lr
             src, tin, tout, _ = data.sample(cfg.batch_size, gen)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ce, aux = model.loss(src, tin, tout)
             loss = ce + aux
             if not torch.isfinite(loss):
@@ -140,35 +148,38 @@ def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: Translat
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             dt = time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
             n_tok = float((src != 0).sum() + (tout != 0).sum())
             train_s, tokens, win_time, win_tokens = train_s + dt, tokens + n_tok, win_time + dt, win_tokens + n_tok
             layer_drops = [float(layer.moe.last_routing.dropped_fraction) for _, layer in model.moe_layers()
                            if layer.moe.last_routing is not None]
             drops.append(statistics.fmean(layer_drops) if layer_drops else 0.0)
-            out_of_time = time_limit_s > 0 and train_s >= time_limit_s
+            out_of_time = cfg.cpu_limit_s > 0 and cpu_s >= cfg.cpu_limit_s
             if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
                 rate = win_tokens / max(win_time, 1e-9)
                 window_rates.append(rate)
                 ce_v, aux_v = ce.detach().item(), aux.detach().item()
                 record({"step": step, "loss": ce_v + aux_v, "ce": ce_v, "aux": aux_v, "lr": lr,
-                        "tokens_per_s": rate, "dropped": drops[-1], "train_s": train_s})
+                        "tokens_per_s": rate, "dropped": drops[-1], "train_s": train_s,
+                        "cpu_s": cpu_s})
                 log(f"step {step:>5}/{cfg.steps}  ce {ce_v:.4f}  aux {aux_v:.4f}  lr {lr:.2e}  "
-                    f"{rate:,.0f} tok/s  dropped {drops[-1]:.3f}  {train_s:.0f}s")
+                    f"{rate:,.0f} tok/s  dropped {drops[-1]:.3f}  {train_s:.0f}s ({cpu_s:.0f} CPU s)")
                 win_tokens = win_time = 0.0
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or out_of_time:
-                last_eval = {"step": step, "heldout_ce": heldout_loss(model, data),
+                last_eval = {"step": step, "heldout_ce": heldout_loss(model, data, cfg.eval_sentences),
                              "eval": evaluate(model, data, cfg.eval_sentences)}
                 record(last_eval)
                 log(f"eval @ {step}: held-out ce {last_eval['heldout_ce']:.4f}  " + "  ".join(
                     f"{c} exact {v['exact']:.2f} cer {v['cer']:.3f}" for c, v in last_eval["eval"].items()))
                 save_checkpoint(model, cfg, step, run_dir)
             if out_of_time:
-                log(f"time limit {time_limit_s:.0f}s reached at step {step}")
+                log(f"CPU limit {cfg.cpu_limit_s:.0f}s reached at step {step}")
                 break
     routing = collect_language_routing(model, data, seed=cfg.seed)
     ev = last_eval["eval"]
     summary: dict[str, Any] = {
-        "steps": step, "planned_steps": cfg.steps, "train_s": train_s, "tokens_per_s": tokens / max(train_s, 1e-9),
+        "steps": step, "planned_steps": cfg.steps, "train_s": train_s, "train_cpu_s": cpu_s,
+        "tokens_per_s": tokens / max(train_s, 1e-9), "tokens_per_cpu_s": tokens / max(cpu_s, 1e-9),
         "tokens_per_s_median_window": statistics.median(window_rates) if window_rates else 0.0,
         "final_ce": ce.detach().item(), "heldout_ce": last_eval["heldout_ce"], "eval": ev,
         "mean_exact": statistics.fmean(v["exact"] for v in ev.values()),
@@ -178,8 +189,7 @@ def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: Translat
         "routing": {name: s.summary() for name, s in routing.items()},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if report:
-        write_report(run_dir, cfg, summary, routing)
+    write_report(run_dir, cfg, summary, routing, figures=figures)
     return summary
 
 
@@ -194,8 +204,8 @@ def dominant_experts(stats: LanguageRouting, top: int = 2) -> str:
 
 
 def write_report(run_dir: Path, cfg: TranslateConfig, summary: dict[str, Any],
-                 routing: dict[str, LanguageRouting]) -> Path:
-    """report.md (+ PNG figures when matplotlib is installed) in the run folder."""
+                 routing: dict[str, LanguageRouting], figures: bool = True) -> Path:
+    """report.md (+ PNG figures when asked and matplotlib is installed) in the run folder."""
     m = cfg.model
     moe = m.moe
     arch = ("dense" if moe is None else
@@ -207,7 +217,8 @@ def write_report(run_dir: Path, cfg: TranslateConfig, summary: dict[str, Any],
              f"{m.ffn_hidden}; {arch}",
              f"- parameters: {summary['params']:,} total, {summary['active_params']:,} active per token",
              f"- training: {summary['steps']} of {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-             f"{summary['train_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s, mean dropped fraction "
+             f"{summary['train_s']:.0f} s wall / {summary['train_cpu_s']:.0f} CPU s ({cfg.threads or 'default'} threads), "
+             f"{summary['tokens_per_s']:,.0f} tokens/s, mean dropped fraction "
              f"{summary['train_dropped_fraction']:.3f}",
              f"- held-out cross-entropy {summary['heldout_ce']:.4f} (teacher-forced, inference routing)", "",
              "## Held-out translation quality (greedy decoding)", "", "| language | exact match | CER | sentences |",
@@ -222,6 +233,7 @@ def write_report(run_dir: Path, cfg: TranslateConfig, summary: dict[str, Any],
     if routing:
         lines += ["Heat map, most used experts per language:", ""]
         lines += [f"- {name}: {dominant_experts(s)}" for name, s in routing.items()]
+    if routing and figures:
         try:
             from moeflow.analysis.plots_lang import plot_drops_by_language, plot_language_expert_heatmaps
 

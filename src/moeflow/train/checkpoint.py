@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -103,3 +104,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a moeflow checkpoint (format {FORMAT_VERSION} expected)")
     return ckpt
+
+
+def _names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order torch.optim numbers them in its state_dict."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    try:
+        return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    except KeyError:
+        raise CheckpointError("the optimizer holds a parameter that is not in the model") from None
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() keyed by parameter name instead of position.
+
+    The same layout as moeflow.parallel's gathered optimizer state, so a checkpoint resumes under any expert-
+    parallel size, and a renamed or reordered parameter is an error instead of silently mismatched moments.
+    """
+    names = _names_in_optimizer_order(model, optimizer)
+    sd = optimizer.state_dict()
+    return {"state": {names[i]: dict(entry) for i, entry in sd["state"].items()},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in
+                                                                                       g["params"]]}
+                             for g in sd["param_groups"]]}
+
+
+def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> None:
+    """Inverse of `optimizer_state_by_name`."""
+    index = {name: i for i, name in enumerate(_names_in_optimizer_order(model, optimizer))}
+    missing = sorted({n for g in full["param_groups"] for n in g["params"]} - set(index))
+    if missing:
+        raise CheckpointError(f"optimizer state names parameters the model lacks: {', '.join(missing[:5])}")
+    optimizer.load_state_dict({
+        "state": {index[name]: entry for name, entry in full["state"].items()},
+        "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+                         for g in full["param_groups"]]})

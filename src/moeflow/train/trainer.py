@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from moeflow.analysis.stats import layer_stats, summarize_layers
 from moeflow.config import ConfigError
 from moeflow.models import MoETransformer
-from moeflow.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from moeflow.routing.deepseek import update_router_biases
+from moeflow.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_optimizer_state_by_name,
+                                      optimizer_state_by_name, save_checkpoint, set_rng_state)
 from moeflow.train.config import RunConfig
 from moeflow.train.data import BatchStream, Corpus, DataError, eval_batches, load_corpus
 from moeflow.train.metrics import METRICS_NAME, MetricsLog, Progress
@@ -74,6 +76,19 @@ class ParallelHooks(Protocol):
         """Load an unsharded state dict into the (possibly sharded) model."""
         ...
 
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Optimizer state keyed by parameter name, experts unsharded (may be empty on non-zero ranks)."""
+        ...
+
+    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        """Load what `full_optimizer_state` saved (under any number of ranks)."""
+        ...
+
+    def update_router_biases(self, model: nn.Module) -> int:
+        """After optimizer.step(): aux-loss-free balancing bias update from the step's (global) expert load."""
+        ...
+
 
 class LocalHooks:
     """Single process: every hook is the identity."""
@@ -109,6 +124,19 @@ class LocalHooks:
     def load_full_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
         """model.load_state_dict (strict)."""
         model.load_state_dict(state)
+
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """optimizer.state_dict() keyed by parameter name."""
+        return optimizer_state_by_name(model, optimizer)
+
+    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        """Inverse of full_optimizer_state."""
+        load_optimizer_state_by_name(model, optimizer, state)
+
+    def update_router_biases(self, model: nn.Module) -> int:
+        """DeepSeek routers nudge their balancing bias from this step's load (no-op for other routers)."""
+        return update_router_biases(model)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,7 +239,7 @@ class Trainer:
             raise ConfigError(f"{self.ckpt_path}: checkpoint was made with a different config ({', '.join(diff)}); "
                               "resume with the run's own config.json")
         self.hooks.load_full_state_dict(self.model, ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.hooks.load_full_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
         self.batches.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
@@ -223,8 +251,9 @@ class Trainer:
     def save(self, elapsed_s: float) -> None:
         """Write the checkpoint atomically (rank 0 writes; every rank takes part in gathering)."""
         state = self.hooks.full_state_dict(self.model)
+        opt_state = self.hooks.full_optimizer_state(self.model, self.optimizer)
         if self.is_main:
-            save_checkpoint(self.ckpt_path, model_state=state, optimizer_state=self.optimizer.state_dict(),
+            save_checkpoint(self.ckpt_path, model_state=state, optimizer_state=opt_state,
                             step=self.step, data_state=self.batches.state_dict(), config=self.cfg.to_dict(),
                             extra={"elapsed_s": elapsed_s})
         self.last_ckpt_step = self.step
@@ -281,6 +310,7 @@ class Trainer:
         if not math.isfinite(gnorm):
             raise self._diverged("the gradient norm", gnorm)
         self.optimizer.step()
+        self.hooks.update_router_biases(self.model)
         self.step += 1
         layers = layer_stats(self.model.routings()) if self.model.moe_layers() else []
         return {"kind": "train", "step": self.step, "loss": loss_v, "ce": float(ce.detach()),
