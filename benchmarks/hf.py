@@ -1,6 +1,7 @@
 """Hugging Face interop benchmarks.
 
-  python benchmarks/hf.py moe  [--tokens 1024 --d-model 512 --d-hidden 1792 --experts 8 --top-k 2 --reps 7 --threads 1]
+  python benchmarks/hf.py moe  [--tokens 1024 --d-model 512 --d-hidden 1792 --experts 8 --top-k 2 --reps 7 --threads 1
+                                --device cpu --dtype float32]
       forward+backward of one transformers MixtralSparseMoeBlock, unpatched with each experts implementation
       transformers offers (config._experts_implementation: eager, grouped_mm, batched_mm), and patched by
       moeflow.patch_hf (same weights). Variants run round-robin so machine load hits them alike; medians.
@@ -45,27 +46,39 @@ def _step(block: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """One forward+backward; (seconds, output)."""
     block.zero_grad(set_to_none=True)
     x.grad = None
+    if x.is_cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     y = block(x)
-    y.square().mean().backward()
-    return time.perf_counter() - t0, y.detach()
+    y.float().square().mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, y.detach().float()
 
 
 def bench_moe(args: argparse.Namespace) -> None:
     """Print the timing table."""
     import moeflow
 
-    torch.set_num_threads(args.threads)
-    base = _mixtral_block(args.d_model, args.d_hidden, args.experts, args.top_k)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    base = _mixtral_block(args.d_model, args.d_hidden, args.experts, args.top_k).to(args.device, dtype)
     variants: dict[str, nn.Module] = {}
     for impl in ("eager", "grouped_mm", "batched_mm"):
+        gathered = args.tokens * args.top_k * 3 * args.d_model * args.d_hidden * 4  # batched_mm copies weights per token
+        if impl == "batched_mm" and gathered > args.max_gather_gb * 2**30:
+            print(f"(skipping transformers batched_mm: it would gather {gathered / 2**30:.1f} GiB of expert weights "
+                  f"per step; raise --max-gather-gb to run it)")
+            continue
         b = copy.deepcopy(base)
         b.experts.config = copy.deepcopy(b.experts.config)
         b.experts.config._experts_implementation = impl
         variants[f"transformers {impl}"] = b
     holder = nn.ModuleDict({"moe": copy.deepcopy(base)})
     variants["moeflow patch_hf"] = moeflow.patch_hf(holder)["moe"]
-    x = torch.randn(1, args.tokens, args.d_model, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    x = torch.randn(1, args.tokens, args.d_model, generator=torch.Generator().manual_seed(1))
+    x = x.to(args.device, dtype).requires_grad_(True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
@@ -84,8 +97,9 @@ def bench_moe(args: argparse.Namespace) -> None:
     ref = outputs["transformers eager"]
     unpatched = [statistics.median(times[n]) for n in times if n.startswith("transformers") and times[n]]
     best = min(unpatched)
+    where = (torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads")
     print(f"MixtralSparseMoeBlock fwd+bwd, T={args.tokens} D={args.d_model} H={args.d_hidden} E={args.experts} "
-          f"k={args.top_k}, fp32, {torch.get_num_threads()} threads, median of {args.reps}")
+          f"k={args.top_k}, {args.dtype}, {where}, torch {torch.__version__}, median of {args.reps}")
     print(f"{'implementation':<26}{'median ms':>11}{'min ms':>9}{'speedup vs best HF':>20}{'max|y-eager|':>14}")
     for name in variants:
         if name in errors:
@@ -165,8 +179,12 @@ def main() -> None:
     m.add_argument("--experts", type=int, default=8)
     m.add_argument("--top-k", type=int, default=2)
     m.add_argument("--reps", type=int, default=7)
+    m.add_argument("--max-gather-gb", type=float, default=2.0, help="skip batched_mm above this much weight copying")
     m.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (default 1: on a shared, loaded CPU more threads mostly measure waiting)")
+                   help="intra-op threads (default 1: on a shared, loaded CPU more threads mostly measure waiting; "
+                        "0 keeps torch's default)")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     r = sub.add_parser("rss")
     r.add_argument("--size-mb", type=float, default=256)
     args = p.parse_args()

@@ -66,14 +66,43 @@ def test_greedy_generation_matches(arch: str, hf_dirs: dict) -> None:
     assert torch.equal(got, want), f"{arch}:\n{got}\n{want}"
 
 
-def test_sharded_checkpoint_and_variants(tmp_path: Path) -> None:
-    # sharded via model.safetensors.index.json; DeepSeek without q-LoRA and with half-split RoPE
-    hf = save_hf_model("deepseek_v3", tmp_path, q_lora_rank=None, rope_interleave=False)
-    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+@pytest.mark.parametrize("arch,overrides", [
+    ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False)),  # one query projection, half-split RoPE
+    ("switch_transformers", dict(tie_word_embeddings=False)),  # separate stack embeddings, unscaled head
+    ("olmoe", dict(norm_topk_prob=True, tie_word_embeddings=True)),
+])
+def test_config_variants_from_sharded_checkpoints(arch: str, overrides: dict, tmp_path: Path) -> None:
+    hf = save_hf_model(arch, tmp_path, **overrides)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded via model.safetensors.index.json
     assert (tmp_path / "model.safetensors.index.json").is_file()
     ours = moeflow.load_hf(tmp_path)
-    ids, _ = token_batch("deepseek_v3")
-    assert (ours_logits(ours, ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+    ids, dec = token_batch(arch)
+    assert (ours_logits(ours, ids, dec) - hf_logits(hf, ids, dec)).abs().max().item() <= 1e-4
+
+
+def test_streaming_never_maps_a_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """safe_open's mapping is closed every `remap_bytes`, so read pages cannot pile up in resident memory."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    from moeflow.interop.hf import stream_tensors
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    path = tmp_path / "t.safetensors"
+    save_file({f"t{i}": torch.full((256, 256), float(i)) for i in range(8)}, path)  # 256 KiB each
+    opens = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: opens.append(a[0]) or real_open(*a, **k))
+    mapped = []
+    for key, t in stream_tensors(path, [f"t{i}" for i in range(8)], remap_bytes=600 << 10):
+        assert t[0, 0].item() == float(key[1:])
+        mapped.append(sum(str(path) in line for line in maps.read_text().splitlines()))
+    assert len(opens) == 3  # 600 KiB window, 256 KiB tensors: t0-t2, t3-t5, t6-t7
+    assert max(mapped) <= 1  # never two mappings of the file at once
+    del t  # a tensor from get_tensor keeps its mapping alive (load_hf drops each one after copying it)
+    assert sum(str(path) in line for line in maps.read_text().splitlines()) == 0  # none left afterwards
 
 
 def test_bf16_load(hf_dirs: dict) -> None:

@@ -63,6 +63,18 @@ def test_patched_matches_outputs_router_logits_and_grads(arch: str) -> None:
     assert routing is not None and int(routing.tokens_per_expert.sum()) > 0
 
 
+def test_unfused_activation_path() -> None:
+    # tanh-GELU is not one of moeflow's fused activations: HF's own module runs between two grouped matmuls
+    ref = hf_model("mixtral", hidden_act="gelu_pytorch_tanh").train()
+    patched = moeflow.patch_hf(copy.deepcopy(ref))
+    assert next(m for m in patched.modules() if isinstance(m, PatchedMoE)).fused_activation() is None
+    out_ref, g_ref = loss_and_grads(ref, "mixtral")
+    out_p, g_p = loss_and_grads(patched, "mixtral")
+    torch.testing.assert_close(out_p.logits, out_ref.logits, rtol=0, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g_p[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_training_updates_what_save_pretrained_writes(tmp_path: Path) -> None:
     model = moeflow.patch_hf(trainable("mixtral"))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -99,7 +99,7 @@ def test_mutual_information_on_hand_examples() -> None:
 
 def test_language_routing_counts_a_real_routing() -> None:
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=2, router="gshard", capacity_factor=0.5,
+    layer = MoELayer(MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=2, router="gshard", capacity_factor=0.25,
                                random_routing=False))
     x = torch.randn(12, 8)
     layer(x)
@@ -112,7 +112,10 @@ def test_language_routing_counts_a_real_routing() -> None:
     for li in range(3):
         expected = torch.bincount(e1[lang_T == li], minlength=4).double()
         assert torch.equal(stats.first_LE[li], expected)
-    kept = int(r.kept_N.view(2, 12)[:, :9].sum())
+    kept_KT = r.kept_N.view(2, 12)[:, :9]
+    full_drops = [int((~kept_KT.any(0))[lang_T == li].sum()) / 3 for li in range(3)]
+    assert stats.tokens_dropped_by_language() == pytest.approx(full_drops) and sum(full_drops) > 0
+    kept = int(kept_KT.sum())
     assert stats.kept_LE.sum() == kept and stats.dropped_fraction() == pytest.approx(1 - kept / 18)
     s = stats.summary()
     assert 0 <= s["mi_bits"] <= s["max_mi_bits"] + 1e-12 and 0 <= s["normalized_mi"] <= 1
@@ -125,6 +128,9 @@ def test_overrides_and_ablation_variants() -> None:
     assert cfg.steps == 7 and cfg.model.moe.capacity_factor == 2.0 and cfg.languages == ["cip", "rev"]
     with pytest.raises(ConfigError, match="unknown field"):
         apply_overrides(cfg, ["model.moe.capacity=2"])
+    with pytest.raises(ConfigError, match="not a valid"):
+        apply_overrides(cfg, ["steps=1.5"])
+    assert apply_overrides(cfg, ["lr=1", "model.moe.capacity_factor=None"]).lr == 1.0
     with pytest.raises(ValueError, match="unknown language"):
         apply_overrides(cfg, ["languages=['xyz']"])
     names = [n for n, _ in ablation_variants(cfg, dict([parse_axis("capacity_factor=0.5,2"),

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.config import MoEConfig
-from moeflow.ops.grouped import GATED, grouped_linear, grouped_mlp, resolve_impl
+from moeflow.ops.grouped import grouped_linear, resolve_impl
+from moeflow.ops.grouped_mlp import GATED, GradBuffers, grouped_mlp
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -42,6 +43,7 @@ class GroupedExperts(nn.Module):
         f = 2 * d_hidden if activation in GATED else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, f, d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.grad_buffers = GradBuffers()  # weight-gradient memory reused across steps (see GradBuffers)
         self.reset_parameters()
 
     @classmethod
@@ -66,7 +68,7 @@ class GroupedExperts(nn.Module):
             splits = counts_E.tolist()
         if impl == "loop":
             # fused and chunked: no [R, H] / [R, F] temporaries besides the saved pre-activation (see grouped_mlp)
-            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, scale_R)
+            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, scale_R, self.grad_buffers)
         h_RF = grouped_linear(x_RD, self.w_in, counts_E, splits, impl)
         a_RH = activate(h_RF, self.activation)
         if scale_R is not None:

@@ -1,7 +1,7 @@
 """Session fixtures: ONE spawn per world size runs every layer-parity case and every training run.
 
 world2: 2 ranks; layer parity with EP=2 and EP=1; training from scratch with (topk, EP=1), (topk, EP=2),
-        (switch, EP=2), saving the EP=2 runs' gathered checkpoints.
+        (switch, EP=2), saving the EP=2 runs' gathered checkpoints; moeflow.train.Trainer with DistributedHooks.
 world4: 4 ranks; layer parity with EP=4 and EP=2 x EDP=2; resuming those checkpoints with (topk, EP=4),
         (topk, EP=2), (switch, EP=4).
 """
@@ -33,9 +33,21 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def world2(ckpt_dir: Path) -> list[dict]:
-    """Per-rank results of the 2-rank spawn."""
-    return run_world(combined_worker, 2, [2, 1], [("topk", 1), ("topk", 2), ("switch", 2)], str(ckpt_dir), False)
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small text corpus for the Trainer run (stdlib sources, as in tests/test_train.py)."""
+    import inspect
+    import json
+    import textwrap
+    f = tmp_path_factory.mktemp("ep_corpus") / "corpus.txt"
+    f.write_text((inspect.getsource(json) + inspect.getsource(textwrap)) * 2)
+    return f
+
+
+@pytest.fixture(scope="session")
+def world2(ckpt_dir: Path, corpus: Path) -> list[dict]:
+    """Per-rank results of the 2-rank spawn (including a Trainer run with DistributedHooks)."""
+    return run_world(combined_worker, 2, [2, 1], [("topk", 1), ("topk", 2), ("switch", 2)], str(ckpt_dir), False,
+                     str(corpus))
 
 
 @pytest.fixture(scope="session")

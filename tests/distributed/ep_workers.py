@@ -7,6 +7,7 @@ test modules only compare the returned numbers against single-process references
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import torch
@@ -53,23 +54,23 @@ def _a2a_primitive(rank: int, world: int, dims) -> dict[str, float]:
         rows_before = sum((k + 2 * j) % 3 for k in range(rank))  # rows rank j received from ranks < rank
         full = torch.arange(sum((k + 2 * j) % 3 for k in range(world)) * 2, dtype=torch.float64).view(-1, 2)
         grad_expected.append(full[rows_before:rows_before + n] + 1000.0 * j)
-    return {"a2a_fwd": float((y - expected).abs().max()) if y.numel() else 0.0,
+    return {"a2a_fwd": float((y.detach() - expected).abs().max()) if y.numel() else 0.0,
             "a2a_bwd": float((x.grad - torch.cat(grad_expected)).abs().max()) if x.numel() else 0.0}
 
 
-def _layer_case(name: str, rank: int, world: int, dims) -> dict[str, float]:
-    """Max abs differences EP layer vs reference for one router case."""
+def _layer_case(name: str, rank: int, world: int, dims, device: str = "cpu") -> dict[str, float]:
+    """Max abs differences EP layer vs reference for one router case (tensors and weights on `device`)."""
     spec = dict(CASES[name])
     mode = spec.pop("mode", "auto")
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=D, d_hidden=6, num_experts=8, **spec)
-    ref = MoELayer(cfg.replace(num_groups=world)).double().eval()
+    ref = MoELayer(cfg.replace(num_groups=world)).double().eval().to(device)
     if name == "skewed_zero_splits":  # every token to expert 0 (rank 0): other ranks receive nothing
         with torch.no_grad():
             ref.router.bias.copy_(torch.tensor([8.0] + [0.0] * 7))
-    layer = MoELayer(cfg).double().eval()
+    layer = MoELayer(cfg).double().eval().to(device)
     layer.load_state_dict(ref.state_dict())
-    x = torch.randn(world, T_LOCAL, D, dtype=torch.float64)
+    x = torch.randn(world, T_LOCAL, D, dtype=torch.float64).to(device)
     g = torch.randn_like(x)
     xr = x.clone().requires_grad_(True)
     y_ref = ref(xr)
@@ -108,7 +109,7 @@ def _layer_case(name: str, rank: int, world: int, dims) -> dict[str, float]:
     return out
 
 
-def parity_worker(rank: int, world: int, eps: list[int]) -> dict:
+def parity_worker(rank: int, world: int, eps: list[int], device: str = "cpu") -> dict:
     """Every case under every EP size in `eps` (groups rebuilt per EP size)."""
     results: dict = {}
     for ep in eps:
@@ -116,7 +117,7 @@ def parity_worker(rank: int, world: int, eps: list[int]) -> dict:
         if ep == world:
             results[("a2a", ep)] = _a2a_primitive(rank, world, dims)
         for name in CASES:
-            results[(name, ep)] = _layer_case(name, rank, world, dims)
+            results[(name, ep)] = _layer_case(name, rank, world, dims, device)
     return results
 
 
@@ -200,9 +201,43 @@ def train_worker(rank: int, world: int, runs: list[tuple[str, int]], ckpt_dir: s
     return out
 
 
+def trainer_overrides(corpus: str, **extra: object) -> dict[str, object]:
+    """A Trainer run small enough for a few steps per second (the shape tests/test_train.py uses)."""
+    o: dict[str, object] = {
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1,
+        "model.max_seq_len": 32, "model.ffn_hidden": 64, "model.moe.d_hidden": 32, "model.moe.num_experts": 4,
+        "train.steps": 4, "train.batch_size": 4, "train.seq_len": 16, "train.eval_every": 4, "train.eval_batches": 2,
+        "train.ckpt_every": 2, "train.warmup": 1, "train.threads": 1, "data.path": corpus}
+    o.update(extra)
+    return o
+
+
+def trainer_worker(rank: int, world: int, corpus: str, run_dir: str) -> dict:
+    """moeflow.train.Trainer with DistributedHooks (EP = world): final val loss, logged grad norms, resume works."""
+    from moeflow.parallel import DistributedHooks
+    from moeflow.train import Trainer, apply_overrides, get_preset
+    cfg = apply_overrides(get_preset("tiny"), trainer_overrides(corpus))
+    hooks = DistributedHooks(init_distributed(ep=world, timeout_s=60))
+    first = Trainer(cfg, run_dir, hooks=hooks, progress=False)
+    first.run(stop_at=2)  # checkpoint at step 2 (gathered logical state), then resume from it
+    res = Trainer(cfg, run_dir, resume=True, hooks=hooks, progress=False).run()
+    metrics = (Path(run_dir) / "metrics.jsonl").read_text() if rank == 0 else ""
+    return {"val_loss": res.val_loss, "step": res.step, "metrics": metrics}
+
+
 def combined_worker(rank: int, world: int, parity_eps: list[int], train_runs: list[tuple[str, int]], ckpt_dir: str,
-                    resume: bool) -> dict:
-    """Layer parity for every EP size in `parity_eps`, then the training runs."""
+                    resume: bool, corpus: str | None = None) -> dict:
+    """Layer parity for every EP size in `parity_eps`, the training runs, and (if `corpus`) a Trainer run.
+
+    The Trainer part reports its own failure (traceback text) instead of raising, so a change in the training
+    loop fails only its own test, not every parity test that shares this spawn.
+    """
     parity = parity_worker(rank, world, parity_eps)
     barrier_with_timeout(init_distributed(ep=1), "between parity and training", timeout_s=60)  # all arrive
-    return {"parity": parity, "train": train_worker(rank, world, train_runs, ckpt_dir, resume)}
+    out = {"parity": parity, "train": train_worker(rank, world, train_runs, ckpt_dir, resume)}
+    if corpus is not None:
+        try:
+            out["trainer"] = trainer_worker(rank, world, corpus, str(Path(ckpt_dir) / "trainer_run"))
+        except Exception:  # noqa: BLE001 - reported to the test that owns it
+            out["trainer"] = {"error": traceback.format_exc()}
+    return out

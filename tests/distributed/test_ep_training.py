@@ -86,3 +86,25 @@ def test_checkpoint_from_ep2_loads_with_ep4(ckpt_dir: Path, world4: list[dict], 
         torch.testing.assert_close(got["probe"], ref["probe"][rank:rank + 1], rtol=1e-6, atol=1e-8)
         _close(got["losses"], ref["losses"], f"rank {rank} step-4 loss after resharding")
         _close(got["norms"], ref["norms"], f"rank {rank} step-4 grad norm after resharding")
+
+
+def test_trainer_with_distributed_hooks_matches_single_process(world2: list[dict], corpus: Path,
+                                                               tmp_path: Path) -> None:
+    """moeflow.train.Trainer + DistributedHooks on 2 ranks (EP=2, stopped at step 2 and resumed) logs the grad norms
+    and final validation loss of an uninterrupted single-process run with num_groups=2 (fp32 tolerance)."""
+    import json
+
+    from ep_workers import trainer_overrides
+
+    from moeflow.train import Trainer, apply_overrides, get_preset
+    got = world2[0]["trainer"]
+    assert "error" not in got, got.get("error")
+    cfg = apply_overrides(get_preset("tiny"), trainer_overrides(str(corpus), **{"model.moe.num_groups": 2}))
+    ref = Trainer(cfg, tmp_path / "ref", progress=False).run()
+    ref_recs = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    got_recs = [json.loads(x) for x in got["metrics"].splitlines()]
+    norms = [[r["grad_norm"] for r in recs if r["kind"] == "train"] for recs in (ref_recs, got_recs)]
+    assert got["step"] == ref.step == 4 and len(norms[1]) == 4
+    _close(norms[1], norms[0], "Trainer grad norms per step (EP=2 with a resume vs single process)")
+    assert got["val_loss"] == pytest.approx(ref.val_loss, rel=1e-5)
+    assert world2[1]["trainer"]["val_loss"] == pytest.approx(got["val_loss"], rel=1e-6)  # ranks agree

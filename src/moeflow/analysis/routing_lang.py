@@ -49,6 +49,7 @@ class LanguageRouting:
         self.kept_LE = torch.zeros(shape, dtype=torch.float64)  # ... and capacity kept
         self.first_LE = torch.zeros(shape, dtype=torch.float64)  # first choices only
         self.tokens_L = torch.zeros(len(languages), dtype=torch.float64)
+        self.fully_dropped_L = torch.zeros(len(languages), dtype=torch.float64)  # tokens with no kept assignment
         self.entropy_nats_L = torch.zeros(len(languages), dtype=torch.float64)  # sum over tokens
 
     def add(self, routing: Routing, lang_T: Tensor) -> None:
@@ -82,6 +83,9 @@ class LanguageRouting:
         p_TE = routing.probs_TE.detach()[:t].double().cpu()
         h_T = -(p_TE * torch.log(p_TE.clamp_min(1e-30))).sum(-1)
         self.tokens_L += torch.bincount(lang_T, minlength=len(self.languages)).double()
+        kept_T = torch.zeros(routing.num_tokens, dtype=torch.bool)
+        kept_T[tok_N[routing.kept_N.cpu()]] = True
+        self.fully_dropped_L += torch.bincount(lang_T[~kept_T[:t]], minlength=len(self.languages)).double()
         self.entropy_nats_L += torch.zeros(len(self.languages), dtype=torch.float64).index_add(0, lang_T, h_T)
 
     # ------------------------------------------------------------------ derived statistics
@@ -102,6 +106,10 @@ class LanguageRouting:
         """Fraction of each language's routed assignments dropped by capacity."""
         routed, kept = self.routed_LE.sum(1), self.kept_LE.sum(1)
         return [float((r - k) / r) if r > 0 else 0.0 for r, k in zip(routed, kept)]
+
+    def tokens_dropped_by_language(self) -> list[float]:
+        """Fraction of each language's tokens none of whose assignments was kept (only the residual carries them)."""
+        return [float(d / n) if n > 0 else 0.0 for d, n in zip(self.fully_dropped_L, self.tokens_L)]
 
     def dropped_fraction(self) -> float:
         """Fraction of all routed assignments dropped."""
@@ -132,6 +140,7 @@ class LanguageRouting:
             "router_entropy_bits": self.router_entropy(),
             "dropped_fraction": self.dropped_fraction(),
             "dropped_by_language": dict(zip(self.languages, self.dropped_by_language())),
+            "tokens_dropped_by_language": dict(zip(self.languages, self.tokens_dropped_by_language())),
             "entropy_by_language_bits": dict(zip(self.languages, self.entropy_by_language())),
             "routed_counts": {lang: row.tolist() for lang, row in zip(self.languages, self.routed_LE.long())},
         }
@@ -148,13 +157,13 @@ def routing_markdown(stats: dict[str, LanguageRouting]) -> str:
                      f"| {s.router_entropy():.3f} | {s.dropped_fraction():.3f} |")
     for name, s in stats.items():
         e = s.num_experts
-        lines += ["", f"**{name}**: share of each language's routed assignments per expert (%), dropped fraction, "
-                      "mean router entropy (bits)", "",
-                  "| lang | " + " | ".join(f"e{i}" for i in range(e)) + " | dropped | entropy |",
-                  "|---|" + "---|" * (e + 2)]
+        lines += ["", f"**{name}**: share of each language's routed assignments per expert (%), fraction of its "
+                      "assignments dropped, of its tokens fully dropped, mean router entropy (bits)", "",
+                  "| lang | " + " | ".join(f"e{i}" for i in range(e)) + " | dropped | tokens dropped | entropy |",
+                  "|---|" + "---|" * (e + 3)]
         share = s.share_LE()
         for li, lang in enumerate(s.languages):
             cells = " | ".join(f"{100 * float(v):.0f}" for v in share[li])
             lines.append(f"| {lang} | {cells} | {s.dropped_by_language()[li]:.3f} | "
-                         f"{s.entropy_by_language()[li]:.2f} |")
+                         f"{s.tokens_dropped_by_language()[li]:.3f} | {s.entropy_by_language()[li]:.2f} |")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ copied), `state_dict()` keys do not change, an optimizer built before or after p
 logits that its load-balancing loss reads. What changes is the path: HF's router output becomes a moeflow
 `Routing` record, `LocalDispatcher` permutes the tokens into expert-contiguous rows, one grouped matmul per
 weight runs all experts (instead of HF's loop over experts with `torch.where` gathers), and the dispatcher
-combines. The block returns what HF's block returns: the hidden states [B, S, D].
+combines. Plain silu/gelu/relu experts run as moeflow's fused, chunked grouped MLP (`ops.grouped_mlp.grouped_mlp`).
+The block returns what HF's block returns: the hidden states [B, S, D].
 
 HF experts since transformers 5 are already stacked (`gate_up_proj` [E, 2H, D], gate rows first; `down_proj`
 [E, D, H]) — moeflow's own layout — and are used in place. Switch keeps one `nn.Linear` per expert; its
@@ -22,10 +23,12 @@ N = K*T assignments (slot-major), R = kept rows sorted by expert.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.dispatch import LocalDispatcher
-from moeflow.ops.grouped import grouped_linear
+from moeflow.ops.grouped import grouped_linear, resolve_impl
+from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
 from moeflow.routing import Routing
 from moeflow.routing.deepseek import update_balance_bias
 
@@ -57,6 +60,7 @@ class PatchedMoE(nn.Module):
         self.arch = arch
         self.dispatcher = LocalDispatcher()
         self.last_routing: Routing | None = None
+        self.grad_buffers = GradBuffers()  # expert weight-gradient memory reused across steps (CPU)
         self.jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)  # Mixtral: noise on the whole MoE input
         for name, child in block.named_children():
             setattr(self, name, child)  # gate/router, experts, shared_expert(s), shared_expert_gate
@@ -86,13 +90,33 @@ class PatchedMoE(nn.Module):
             return torch.stack([m.wi.weight for m in mods]), torch.stack([m.wo.weight for m in mods])
         return self.experts.gate_up_proj, self.experts.down_proj
 
-    def activation(self, h_RF: Tensor) -> Tensor:
-        """HF's own activation module: act(gate) * up for gated experts, act(h) (+ dropout) for Switch."""
+    def fused_activation(self) -> str | None:
+        """moeflow's name for HF's expert activation when the fused grouped MLP computes exactly the same thing
+        (silu/gelu/relu; gated unless Switch), else None (then HF's own activation module runs)."""
         if self.arch == "switch_transformers":
             e0 = self.experts["expert_0"]
-            return e0.dropout(e0.act(h_RF))
-        gate, up = h_RF.chunk(2, dim=-1)
-        return self.experts.act_fn(gate) * up
+            if self.training and e0.dropout.p > 0:
+                return None  # HF drops activations inside each expert; only its own modules do that
+            return _plain_activation(e0.act)
+        act = _plain_activation(self.experts.act_fn)
+        return {"silu": "swiglu", "gelu": "geglu"}.get(act or "")
+
+    def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor) -> Tensor:
+        """Every expert on its block of rows: on CPU the fused, chunked grouped MLP; where torch._grouped_mm runs,
+        or for an activation that is not a plain silu/gelu/relu, two grouped matmuls around HF's activation."""
+        w_in, w_out = self.expert_weights()
+        impl = resolve_impl(x_RD, w_in, "auto")  # torch._grouped_mm where it runs (CUDA bf16), else the loop
+        act = self.fused_activation()
+        if act is not None and impl == "loop":
+            return grouped_mlp(x_RD, w_in, w_out, splits, act, grad_buffers=self.grad_buffers)
+        h_RF = grouped_linear(x_RD, w_in, counts_E, splits, impl)
+        if self.arch == "switch_transformers":
+            e0 = self.experts["expert_0"]
+            a_RH = e0.dropout(e0.act(h_RF))
+        else:
+            gate, up = h_RF.chunk(2, dim=-1)
+            a_RH = self.experts.act_fn(gate) * up
+        return grouped_linear(a_RH.to(w_out.dtype), w_out, counts_E, splits, impl)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """[B, S, D] -> [B, S, D], what the HF block returns."""
@@ -102,9 +126,7 @@ class PatchedMoE(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.route(x)
         x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        w_in, w_out = self.expert_weights()
-        h_RF = grouped_linear(x_RD, w_in, plan.counts_E, plan.splits)
-        y_RD = grouped_linear(self.activation(h_RF).to(w_out.dtype), w_out, plan.counts_E, plan.splits)
+        y_RD = self.run_experts(x_RD, plan.splits, plan.counts_E)
         y_TD = self.dispatcher.combine(y_RD, plan).to(x.dtype)
         if self.arch == "qwen2_moe":
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
@@ -124,6 +146,18 @@ class PatchedMoE(nn.Module):
                 raise RuntimeError("update_bias needs a forward first (or pass tokens_per_expert)")
             tokens_per_expert = self.last_routing.tokens_per_expert
         return update_balance_bias(self.gate.e_score_correction_bias, tokens_per_expert, rate)
+
+
+def _plain_activation(act: nn.Module) -> str | None:
+    """'silu' / 'gelu' (exact) / 'relu' for HF activation modules that are exactly these functions, else None."""
+    name = type(act).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return "silu"
+    if name == "ReLU":
+        return "relu"
+    if name == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+        return "gelu"
+    return None
 
 
 def patch_hf(model: nn.Module) -> nn.Module:

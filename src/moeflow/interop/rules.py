@@ -117,7 +117,8 @@ DEEPSEEK_V3 = [*_decoder_outer(),
 def _switch_stack(stack: str, ff: int) -> list[Rule]:
     """One stack; the FFN sub-layer index is 1 in the encoder and 2 in the decoder (after cross-attention)."""
     hb, ob = f"{stack}.block.{{i}}.layer", f"{stack}.blocks.{{i}}"
-    rules = [Rule(f"{stack}.final_layer_norm.weight", f"{stack}.norm.weight"),
+    rules = [Rule(f"{stack}.embed_tokens.weight", f"{stack}.embed_tokens.weight"),  # only when untied
+             Rule(f"{stack}.final_layer_norm.weight", f"{stack}.norm.weight"),
              Rule(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", f"{stack}.rel_bias.weight"),
              Rule(f"{hb}.0.layer_norm.weight", f"{ob}.attention_norm.weight"),
              Rule(f"{hb}.{ff}.layer_norm.weight", f"{ob}.ffn_norm.weight"),
@@ -142,8 +143,9 @@ SWITCH = [Rule("shared.weight", "shared.weight"), Rule("lm_head.weight", "output
 RULES: dict[str, list[Rule]] = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE,
                                 "deepseek_v3": DEEPSEEK_V3, "switch_transformers": SWITCH}
 
-# keys some checkpoints carry that the model does not need (copies of tied weights, cached rotary tables,
-# DeepSeek's multi-token-prediction layers are handled by the loader, which knows the layer count)
+# keys some checkpoints carry that a model does not need: cached rotary tables, copies of the shared embedding
+# in a tied Switch model (untied, those keys are expected and loaded); DeepSeek's multi-token-prediction layers
+# are recognised in check_keys, which knows the layer count
 IGNORED = [re.compile(p) for p in (r".*rotary_emb\.inv_freq$", r"^(encoder|decoder)\.embed_tokens\.weight$")]
 
 

@@ -181,8 +181,9 @@ class MoEFFN(nn.Module):
     decoding is causal and one-token-at-a-time decoding routes exactly as the full prefix.
 
     Padding never enters the router, so it takes no expert capacity and cannot change real tokens' outputs. With
-    local groups the N routed tokens are topped up with zero rows to a multiple of G (they are the last rows, so
-    they lose every capacity tie). After a forward, `last_batch_ids_N` gives the batch row of each routed token
+    local groups the N routed tokens are topped up with < G zero rows to a multiple of G; they come after every real
+    first choice (slot-major order) but can still take second-choice slots in the last group, and their number
+    depends only on N, so padding still cannot matter. After a forward, `last_batch_ids_N` gives the batch row of each routed token
     (for per-language statistics) and `moe.last_routing` the Routing record (rows >= N are the top-up rows).
     """
 

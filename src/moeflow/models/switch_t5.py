@@ -190,6 +190,7 @@ class SwitchStack(nn.Module):
         self.cfg, self.decoder = cfg, decoder
         n, step = ((cfg.n_decoder_layers, cfg.decoder_sparse_step) if decoder
                    else (cfg.n_encoder_layers, cfg.encoder_sparse_step))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)  # tied to the model's `shared` by default
         self.blocks = nn.ModuleList(SwitchBlock(cfg, is_sparse_layer(i, step), decoder) for i in range(n))
         self.rel_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -254,7 +255,7 @@ class SwitchTransformer(nn.Module):
     """forward(input_ids [B, S_enc], decoder_input_ids [B, S]) -> logits [B, S, V]."""
 
     def __init__(self, cfg: SwitchConfig) -> None:
-        """Shared embedding, encoder, decoder, output head (tied to the embedding if cfg.tie_embeddings)."""
+        """Shared embedding, encoder, decoder, output head (all tied to the shared embedding if cfg.tie_embeddings)."""
         super().__init__()
         self.cfg = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -262,6 +263,8 @@ class SwitchTransformer(nn.Module):
         self.decoder = SwitchStack(cfg, decoder=True)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
+            # HF ties all four; untied, each stack embeds with its own table and `shared` is kept but unused
+            self.encoder.embed_tokens.weight = self.decoder.embed_tokens.weight = self.shared.weight
             self.output.weight = self.shared.weight
         self.reset_parameters()
 
@@ -273,17 +276,18 @@ class SwitchTransformer(nn.Module):
             elif name.endswith("router.weight"):
                 continue
             elif p.dim() >= 2:
-                nn.init.normal_(p, std=1.0 if name == "shared.weight" else p.shape[-1] ** -0.5)
+                embedding = name == "shared.weight" or name.endswith("embed_tokens.weight")
+                nn.init.normal_(p, std=1.0 if embedding else p.shape[-1] ** -0.5)
         for m in self.moe_layers():
             m.router.reset_parameters()
 
     def encode(self, input_ids: Tensor) -> Tensor:
         """Encoder hidden states [B, S_enc, D]."""
-        return self.encoder(self.shared(input_ids))
+        return self.encoder(self.encoder.embed_tokens(input_ids))
 
     def decode(self, decoder_input_ids: Tensor, enc: Tensor, cache: SwitchCache | None = None) -> Tensor:
         """Logits [B, S, V] of the decoder positions given the encoder states."""
-        h = self.decoder(self.shared(decoder_input_ids), enc, cache)
+        h = self.decoder(self.decoder.embed_tokens(decoder_input_ids), enc, cache)
         if cache is not None:
             cache.length += decoder_input_ids.shape[1]
         if self.cfg.tie_embeddings:

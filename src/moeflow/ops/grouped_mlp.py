@@ -1,0 +1,218 @@
+"""Grouped MLP: expert e's whole FFN on its contiguous block of rows, fused and chunked (the CPU hot path).
+
+Shape legend: R = rows (assignments sorted by expert), D = model dim, H = expert hidden dim, F = input-projection
+width (2H for gated activations: gate rows first, then up rows), E = experts.
+Weights are stored like nn.Linear: w_in [E, F, D], w_out [E, D, H].
+
+Why not two `grouped_linear` calls and autograd in between: on CPU every large temporary is fresh memory that
+page-faults on first touch (glibc serves blocks over 32 MiB with mmap and unmaps them on free), and the autograd
+graph of `silu(gate) * up` keeps three [R, H]-sized tensors and builds a `cat` for the gradient of h. Here the
+activation and all its gradients live one cache-sized chunk at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+GATED = ("swiglu", "geglu")
+_GATE_ACT = {"swiglu": "silu", "geglu": "gelu"}
+_aten = torch.ops.aten
+# name -> (forward, backward(grad, input, out=)) of the elementwise nonlinearity (applied to the gate when gated)
+_ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]] = {
+    "silu": (F.silu, lambda g, h, out: _aten.silu_backward.grad_input(g, h, grad_input=out)),
+    "gelu": (F.gelu, lambda g, h, out: _aten.gelu_backward.grad_input(g, h, grad_input=out)),
+    "relu": (F.relu, lambda g, h, out: _aten.threshold_backward.grad_input(g, h, 0, grad_input=out)),
+}
+# Rows per chunk: at most 4M elements (16 MiB fp32) of pre-activation. Measured on A-D (1 thread): 64K-256K
+# elements starve the GEMMs (each chunk re-streams the expert's weights; up to 3x slower on D), 2M-4M is best,
+# 16M is slower again; chunks under 32 MiB are recycled by glibc's heap instead of page-faulting each step.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _chunks(splits: list[int], rows: int) -> Iterator[tuple[int, int, int, bool]]:
+    """(expert, start, stop, is the expert's first chunk) for each chunk of at most `rows` rows of each block."""
+    start = 0
+    for e, n in enumerate(splits):
+        for lo in range(start, start + n, rows):
+            yield e, lo, min(lo + rows, start + n), lo == start
+        start += n
+
+
+def _act_forward(h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
+    """(act(h), act(gate)); the second, which the backward reuses, only for gated activations."""
+    if activation in GATED:
+        gate, up = h.chunk(2, dim=-1)
+        act_gate = _ACTS[_GATE_ACT[activation]][0](gate)
+        return act_gate * up, act_gate
+    return _ACTS[activation][0](h), None
+
+
+def _act_backward(h: Tensor, act_gate: Tensor | None, grad_a: Tensor, activation: str) -> Tensor:
+    """d loss / d h for one chunk, from d loss / d act(h), written straight into one [rows, F] tensor."""
+    grad_h = torch.empty_like(h)
+    if activation not in GATED:
+        return _ACTS[activation][1](grad_a, h, grad_h)
+    gate, up = h.chunk(2, dim=-1)
+    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+    torch.mul(grad_a, act_gate, out=grad_up)
+    torch.mul(grad_a, up, out=grad_gate)  # d loss / d act(gate), then through act's derivative in place
+    _ACTS[_GATE_ACT[activation]][1](grad_gate, gate, grad_gate)
+    return grad_h
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b (an expert's weight gradient summed over its chunks)."""
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+class GradBuffers:
+    """Memory for the stacked weight gradients that is reused across steps (CPU only), owned by one module.
+
+    With `zero_grad(set_to_none=True)` each step frees the [E, F, D] gradients and the next backward maps fresh
+    pages and faults them in again: on a 2-core VM that cost 60 ms of a 300 ms step (config B of
+    benchmarks/layer.py). A buffer is handed out again only while nothing but this cache holds its storage, so a
+    gradient that is still in use (accumulation, `set_to_none=False`, a tensor kept by the caller) is never
+    overwritten. Between steps it holds one gradient-sized block per weight, as `set_to_none=False` would.
+    """
+
+    def __init__(self) -> None:
+        """Start empty; buffers are created by the first backward."""
+        self._bufs: dict[str, Tensor] = {}
+
+    def empty_like(self, name: str, w: Tensor) -> Tensor:
+        """An uninitialised contiguous tensor shaped like `w`, on already-touched memory when possible."""
+        if w.device.type != "cpu":  # other devices have caching allocators
+            return torch.empty_like(w, memory_format=torch.contiguous_format)
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or _storage_users(buf) != 1:
+            buf = torch.empty_like(w, memory_format=torch.contiguous_format)
+            self._bufs[name] = buf
+        # a new view, referenced only by autograd, so AccumulateGrad adopts it as .grad instead of copying it
+        return buf.view(buf.shape)
+
+    def clear(self) -> None:
+        """Drop the cached buffers (gradients handed out stay valid)."""
+        self._bufs.clear()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles start empty: the buffers are scratch memory, not state."""
+        return {"_bufs": {}}
+
+
+def _storage_users(t: Tensor) -> int:
+    """How many tensors share t's storage; a large number (never reuse) if torch does not tell."""
+    try:
+        # NOTE: private API; the storage handle made here holds one reference of its own
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+    except (AttributeError, RuntimeError):
+        return 1 << 30
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """y = (act(x W_in^T) * scale) W_out^T per expert block, chunk by chunk.
+
+    Saved for the backward: x, the weights and the pre-activation h (per chunk, so each piece stays under the
+    mmap threshold). The backward recomputes act(h) per chunk and fuses the activation's derivative, so no
+    [R, H] or [R, F] tensor is allocated in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
+                scale_R: Tensor | None, splits: list[int], activation: str, keep: bool,
+                grad_buffers: GradBuffers | None) -> Tensor:
+        """y[block e] = (act(x[block e] @ w_in[e]^T) * scale) @ w_out[e]^T; `keep`: save h for a backward."""
+        rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
+        y_RD = x_RD.new_empty(x_RD.shape[0], w_out_EDH.shape[1])
+        h_chunks = []
+        for e, lo, hi, _ in _chunks(splits, rows):
+            h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
+            a, _ = _act_forward(h, activation)
+            if scale_R is not None:
+                a.mul_(scale_R[lo:hi, None])
+            torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
+            if keep:
+                h_chunks.append(h)
+        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, scale_R, *h_chunks)
+        ctx.splits, ctx.activation, ctx.rows = splits, activation, rows
+        ctx.grad_buffers = grad_buffers if grad_buffers is not None else GradBuffers()
+        return y_RD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_RD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """Per chunk: recompute act(h), then the gradients of w_out, scale, h, w_in and x in turn."""
+        x_RD, w_in_EFD, w_out_EDH, scale_R, *h_chunks = ctx.saved_tensors
+        need_x, need_w_in, need_w_out, need_scale = ctx.needs_input_grad[:4]
+        g_RD = g_RD.contiguous()
+        gx_RD = torch.empty_like(x_RD) if need_x else None
+        # uninitialised: each expert's first chunk overwrites its block; experts without rows are zeroed below
+        gw_in = ctx.grad_buffers.empty_like("w_in", w_in_EFD) if need_w_in else None
+        gw_out = ctx.grad_buffers.empty_like("w_out", w_out_EDH) if need_w_out else None
+        gs_R = torch.empty_like(scale_R) if need_scale else None
+        for (e, lo, hi, first), h in zip(_chunks(ctx.splits, ctx.rows), h_chunks):
+            g, x = g_RD[lo:hi], x_RD[lo:hi]
+            a, act_gate = _act_forward(h, ctx.activation)
+            grad_a = torch.mm(g, w_out_EDH[e])
+            if scale_R is not None:
+                s = scale_R[lo:hi, None]
+                if gs_R is not None:
+                    torch.linalg.vecdot(grad_a, a, out=gs_R[lo:hi])
+                a.mul_(s)
+                grad_a.mul_(s)
+            if gw_out is not None:
+                _mm_into(gw_out[e], g.t(), a, not first)
+            grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
+            if gw_in is not None:
+                _mm_into(gw_in[e], grad_h.t(), x, not first)
+            if gx_RD is not None:
+                torch.mm(grad_h, w_in_EFD[e], out=gx_RD[lo:hi])
+        for e, n in enumerate(ctx.splits):
+            if n == 0:
+                for gw in (gw_in, gw_out):
+                    if gw is not None:
+                        gw[e].zero_()
+        return gx_RD, gw_in, gw_out, gs_R, None, None, None, None
+
+
+def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
+                scale_R: Tensor | None = None, grad_buffers: GradBuffers | None = None) -> Tensor:
+    """Expert e's FFN on its block of rows, fused per cache-sized chunk: [R, D] -> [R, D].
+
+    Args:
+        x_RD: rows sorted by expert; block e has splits[e] rows.
+        w_in_EFD, w_out_EDH: stacked expert weights (gated activations: gate rows, then up rows of w_in).
+        splits: rows per expert, as Python ints.
+        activation: "swiglu" | "geglu" | "relu" | "gelu" | "silu".
+        scale_R: optional per-row factor applied to the activation before w_out (a combine weight folded into
+            the experts: w * W(a) = W(w * a)).
+        grad_buffers: the owning module's GradBuffers, to reuse the weight-gradient memory across steps.
+    """
+    gated = activation in GATED
+    if activation not in _ACTS and not gated:
+        raise ValueError(f"grouped_mlp: unknown activation {activation!r}; use one of {GATED + tuple(_ACTS)}")
+    if x_RD.shape[1] != w_in_EFD.shape[2] or w_in_EFD.shape[1] != (2 if gated else 1) * w_out_EDH.shape[2] \
+            or w_out_EDH.shape[:2] != (w_in_EFD.shape[0], x_RD.shape[1]):
+        raise ValueError(f"grouped_mlp: shapes do not fit: x {tuple(x_RD.shape)}, w_in {tuple(w_in_EFD.shape)}, "
+                         f"w_out {tuple(w_out_EDH.shape)} with activation {activation!r}")
+    if len(splits) != w_in_EFD.shape[0] or sum(splits) != x_RD.shape[0]:
+        raise ValueError(f"grouped_mlp: splits {splits} must have one entry per expert ({w_in_EFD.shape[0]}) and "
+                         f"sum to the number of rows ({x_RD.shape[0]})")
+    if torch.is_autocast_enabled(x_RD.device.type):
+        # custom Functions and out= GEMMs are not autocast-aware: cast once here, then run plainly
+        dtype = torch.get_autocast_dtype(x_RD.device.type)
+        with torch.autocast(x_RD.device.type, enabled=False):
+            return grouped_mlp(x_RD.to(dtype), w_in_EFD.to(dtype), w_out_EDH.to(dtype), splits, activation,
+                               None if scale_R is None else scale_R.to(dtype), grad_buffers)
+    if scale_R is not None:
+        scale_R = scale_R.to(x_RD.dtype)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x_RD, w_in_EFD, w_out_EDH, scale_R))
+    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, scale_R, splits, activation, keep, grad_buffers)
