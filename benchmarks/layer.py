@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,11 +26,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+# NOTE: set before torch loads OpenMP. With the default (active) policy a thread that reaches a barrier spins,
+# and on a shared CPU the sibling it waits for may be descheduled: every parallel region then costs a time
+# slice. Measured on config B, 2 threads, 3 other busy processes: MoE fwd+bwd 5.3 s active vs 0.27 s passive
+# (dense 0.28 s vs 0.18 s). Passive waits add microseconds per region on an idle machine; override by
+# exporting OMP_WAIT_POLICY=ACTIVE.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from moeflow import MoEConfig, MoELayer
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from moeflow import MoEConfig, MoELayer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -227,15 +235,20 @@ def memory_probe(shape: Shape, impls: list[str]) -> dict[str, float]:
     return peaks
 
 
-def measure_memory(name: str, args: argparse.Namespace) -> dict[str, float]:
-    """Run `memory_probe` for one config in a fresh interpreter (clean heap) and parse its JSON line."""
-    cmd = [sys.executable, __file__, "--memory-probe", name, "--threads", str(args.threads), "--impls", args.impls]
-    if args.quick:
-        cmd.append("--quick")
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory probe for config {name} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Run `memory_probe` for each config in a fresh interpreter (clean heap) and parse its JSON line.
+
+    --quick probes all its tiny configs in one interpreter (the smoke test's time goes to imports, not probes).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for group in [names] if args.quick else [[n] for n in names]:
+        cmd = [sys.executable, __file__, "--memory-probe", ",".join(group), "--threads", str(args.threads),
+               "--impls", args.impls] + (["--quick"] if args.quick else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory probe for configs {group} failed:\n{res.stderr}")
+        out.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,21 +262,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: process CPU time of all threads (steadier on a shared machine)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--memory-probe", metavar="CONFIG", help=argparse.SUPPRESS)
+    p.add_argument("--memory-probe", metavar="CONFIGS", help=argparse.SUPPRESS)  # internal: the subprocess side
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     table = QUICK if args.quick else CONFIGS
     impls = [s for s in args.impls.split(",") if s]
     names = [s for s in args.configs.split(",") if s]
-    unknown = [n for n in names + ([args.memory_probe] if args.memory_probe else []) if n not in table]
+    probe = [s for s in (args.memory_probe or "").split(",") if s]
+    unknown = [n for n in names + probe if n not in table]
     if unknown:
         p.error(f"unknown config(s) {unknown}; choose from {','.join(table)}")
-    if args.memory_probe:
-        print(json.dumps(memory_probe(table[args.memory_probe], impls)))
+    if probe:
+        print(json.dumps({name: memory_probe(table[name], impls) for name in probe}))
         return 0
     repeats = min(args.repeats, 3) if args.quick else args.repeats
-    print(f"torch {torch.__version__}, fp32, CPU, {args.threads} threads, {args.clock} clock, median of {repeats} "
-          "steps, times in ms; ratios are fwd+bwd (fwd) vs the row named")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    memory = {} if args.no_memory else measure_memory(names, args)
+    print(f"torch {torch.__version__}, fp32, CPU, {args.threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']}, {args.clock} clock, median of {repeats} steps, times in ms; ratios are "
+          "fwd+bwd (fwd) vs the row named")
     head = (f"{'cfg':<4}{'impl':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'vs dense':>15}{'vs naive':>15}"
             f"{'peak MB':>10}")
     print(head)
@@ -271,9 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     scaling = []
     for name in names:
         shape = table[name]
-        clock = time.perf_counter if args.clock == "wall" else time.process_time
         med, err = time_config(shape, impls, repeats, clock)
-        mem = {} if args.no_memory else measure_memory(name, args)
+        mem = memory.get(name, {})
         for impl, (fwd, full) in med.items():
             vs_dense = f"{full / med['dense'][1]:.2f} ({fwd / med['dense'][0]:.2f})"
             vs_naive = f"{full / med['naive'][1]:.2f} ({fwd / med['naive'][0]:.2f})"
@@ -284,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if scaling:
         print("\nMoE peak step memory at T and 2T (linear in T: no [T, E, C] tensor)")
         for name, impl, m1, m2 in scaling:
-            print(f"{name:<4}{'moe[' + impl + ']':<12}T: {m1:8.0f} MB   2T: {m2:8.0f} MB   ratio {m2 / m1:.2f}")
+            ratio = f"{m2 / m1:.2f}" if m1 > 0 else "-"
+            print(f"{name:<4}{'moe[' + impl + ']':<12}T: {m1:8.0f} MB   2T: {m2:8.0f} MB   ratio {ratio}")
     return 0
 
 

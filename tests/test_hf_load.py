@@ -70,6 +70,9 @@ def test_greedy_generation_matches(arch: str, hf_dirs: dict) -> None:
     ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False)),  # one query projection, half-split RoPE
     ("switch_transformers", dict(tie_word_embeddings=False)),  # separate stack embeddings, unscaled head
     ("olmoe", dict(norm_topk_prob=True, tie_word_embeddings=True)),
+    ("deepseek_v3", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 32,
+                                          "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                          "original_max_position_embeddings": 16})),  # DeepSeek-V3's YaRN
 ])
 def test_config_variants_from_sharded_checkpoints(arch: str, overrides: dict, tmp_path: Path) -> None:
     hf = save_hf_model(arch, tmp_path, **overrides)

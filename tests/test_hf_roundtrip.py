@@ -118,3 +118,15 @@ def test_cli_convert_both_ways(hf_dirs: dict, tmp_path: Path, capsys: pytest.Cap
     ids, _ = token_batch("olmoe")
     assert torch.equal(hf_logits(back, ids), hf_logits(hf, ids))
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_cli_convert_training_checkpoint(tmp_path: Path) -> None:
+    from moeflow.train.checkpoint import save_checkpoint
+
+    model = _native_models()["mixtral"].eval()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", model_state=model.state_dict(), optimizer_state={}, step=3,
+                    data_state={}, config={"model": model.cfg.to_dict()})
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    ids, _ = token_batch("mixtral")
+    back = from_pretrained("mixtral", tmp_path / "hf")
+    assert (hf_logits(back, ids) - ours_logits(model, ids)).abs().max().item() <= 1e-4

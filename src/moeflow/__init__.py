@@ -5,7 +5,7 @@ from moeflow.dispatch import DispatchPlan, LocalDispatcher
 from moeflow.experts import GroupedExperts
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.routing import ROUTERS, Router, Routing, build_router
-from moeflow.interop import load_hf, patch_hf, save_hf  # noqa: E402 (after the core it builds on)
+from moeflow.interop import load_hf, patch_hf, save_hf
 
 __version__ = "0.1.0"
 

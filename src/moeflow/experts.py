@@ -56,23 +56,16 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.d_hidden))
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None,
-                scale_R: Tensor | None = None) -> Tensor:
-        """Run expert e on its block of rows: [R, D] -> [R, D].
-
-        `scale_R` ([R], optional) multiplies each row's activation before `w_out`, i.e. its output (linear in the
-        activation): the combine weights folded into the experts.
-        """
+    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None) -> Tensor:
+        """Run expert e on its block of rows: [R, D] -> [R, D]."""
         impl = resolve_impl(x_RD, self.w_in, self.impl)
         if splits is None:
             splits = counts_E.tolist()
         if impl == "loop":
             # fused and chunked: no [R, H] / [R, F] temporaries besides the saved pre-activation (see grouped_mlp)
-            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, scale_R, self.grad_buffers)
+            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, self.grad_buffers)
         h_RF = grouped_linear(x_RD, self.w_in, counts_E, splits, impl)
         a_RH = activate(h_RF, self.activation)
-        if scale_R is not None:
-            a_RH = a_RH * scale_R.to(a_RH.dtype).unsqueeze(1)
         return grouped_linear(a_RH, self.w_out, counts_E, splits, impl)
 
     def extra_repr(self) -> str:

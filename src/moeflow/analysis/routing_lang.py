@@ -146,15 +146,18 @@ class LanguageRouting:
         }
 
 
-def routing_markdown(stats: dict[str, LanguageRouting]) -> str:
-    """Markdown: one summary table over layers, then each layer's language x expert share table."""
+def routing_markdown(stats: dict[str, LanguageRouting], shuffled: dict[str, LanguageRouting] | None = None) -> str:
+    """Markdown: one summary table over layers (with the MI of `shuffled`, a label-permuted baseline, if given),
+    then each layer's language x expert share table."""
     if not stats:
         return "No MoE layers: nothing was routed.\n"
-    lines = ["| layer | I(lang; expert) bits | I / H(expert) | H(expert) bits | router entropy bits | dropped |",
-             "|---|---|---|---|---|---|"]
+    base = shuffled is not None
+    lines = ["| layer | I(lang; expert) bits | I / H(expert) |" + (" MI shuffled bits |" if base else "") +
+             " H(expert) bits | router entropy bits | dropped |", "|---|---|---|" + ("---|" if base else "") + "---|---|---|"]
     for name, s in stats.items():
-        lines.append(f"| {name} | {s.mutual_information():.3f} | {s.normalized_mi():.3f} | {s.expert_entropy():.3f} "
-                     f"| {s.router_entropy():.3f} | {s.dropped_fraction():.3f} |")
+        null = f" {shuffled[name].mutual_information():.4f} |" if shuffled is not None else ""
+        lines.append(f"| {name} | {s.mutual_information():.3f} | {s.normalized_mi():.3f} |{null} "
+                     f"{s.expert_entropy():.3f} | {s.router_entropy():.3f} | {s.dropped_fraction():.3f} |")
     for name, s in stats.items():
         e = s.num_experts
         lines += ["", f"**{name}**: share of each language's routed assignments per expert (%), fraction of its "

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train dense and MoE models of equal active parameters and compare them")
     add_config_args(p)
     p.add_argument("--experts", default=None, metavar="E1,E2",
-                   help="expert counts of the MoE variants (default: the preset's), e.g. 4,8,16")
+                   help="expert counts of the MoE variants (default: the preset's E and 2E), e.g. 4,8,16")
     p.add_argument("--out", default="runs", help="folder that holds run folders (default runs/)")
     p.add_argument("--name", help="comparison folder name (default compare-<preset>-<date>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     """Train each variant in turn, print and save the table."""
     try:
         base, preset = resolve_config(args)
-        experts = ([int(x) for x in args.experts.split(",") if x.strip()] if args.experts
-                   else [base.model.moe.num_experts] if base.model.moe else [])
+        e = base.model.moe.num_experts if base.model.moe else 0
+        experts = [int(x) for x in args.experts.split(",") if x.strip()] if args.experts else [e, 2 * e]
         runs = variants(base, experts)
         corpus = load_corpus(base.data)
     except ValueError as e:  # ConfigError, DataError, and a malformed --experts list

@@ -75,10 +75,12 @@ def load_any(src: Path) -> tuple[nn.Module, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Load, optionally cast, save; print what was done."""
+    from moeflow.train.checkpoint import CheckpointError
+
     t0 = time.perf_counter()
     try:
         model, kind = load_any(args.src)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError) as e:
         print(f"moeflow convert: {e}", file=sys.stderr)
         return 2
     to = args.to or ("moeflow" if kind == "hf" else "hf")

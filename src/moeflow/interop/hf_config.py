@@ -14,7 +14,7 @@ from torch import nn
 
 from moeflow.config import ConfigError, MoEConfig
 from moeflow.models.config import ModelConfig
-from moeflow.models.deepseek import DeepSeekConfig, DeepSeekV3
+from moeflow.models.deepseek import YARN_KEYS, DeepSeekConfig, DeepSeekV3
 from moeflow.models.llama import MoETransformer
 from moeflow.models.switch_t5 import SwitchConfig, SwitchTransformer
 
@@ -49,14 +49,26 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _rope_theta(hf: dict[str, Any], default: float) -> float:
-    """RoPE base from `rope_parameters` (transformers 5) or `rope_theta`; scaled RoPE variants are rejected."""
+def _rope(hf: dict[str, Any], default: float, yarn_ok: bool = False) -> tuple[float, dict[str, Any] | None]:
+    """(RoPE base, YaRN parameters or None) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`
+    (before); RoPE variants moeflow does not implement are rejected."""
     rp = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     kind = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    _need(kind == "default", f"config.json asks for RoPE type {kind!r}; moeflow implements only the default "
-                             "(unscaled) RoPE, so logits would differ")
-    return float(rp.get("rope_theta", hf.get("rope_theta", default)))
+    theta = float(rp.get("rope_theta", hf.get("rope_theta", default)))
+    if kind == "yarn" and yarn_ok:
+        yarn = {k: v for k, v in {**scaling, **rp}.items() if k in YARN_KEYS}
+        if yarn.get("factor") is None:  # HF: extend from the original context to max_position_embeddings
+            yarn["factor"] = hf["max_position_embeddings"] / yarn["original_max_position_embeddings"]
+        return theta, yarn
+    _need(kind == "default", f"config.json asks for RoPE type {kind!r}; moeflow implements the default RoPE"
+                             f"{' and YaRN' if yarn_ok else ''} here, so logits would differ")
+    return theta, None
+
+
+def _rope_theta(hf: dict[str, Any], default: float) -> float:
+    """RoPE base of a model with plain RoPE."""
+    return _rope(hf, default)[0]
 
 
 def _max_len(hf: dict[str, Any], windowed: bool) -> int:
@@ -119,6 +131,7 @@ def _deepseek(hf: dict[str, Any]) -> DeepSeekConfig:
                                                          "routing in HF is sigmoid")
     _need(hf.get("moe_layer_freq", 1) == 1, "moe_layer_freq != 1 is not supported")
     inter = hf["moe_intermediate_size"]
+    theta, yarn = _rope(hf, 1e4, yarn_ok=True)
     moe = MoEConfig(d_model=hf["hidden_size"], d_hidden=inter, num_experts=hf["n_routed_experts"],
                     top_k=hf["num_experts_per_tok"], router="deepseek", score_func="sigmoid",
                     n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
@@ -131,7 +144,7 @@ def _deepseek(hf: dict[str, Any]) -> DeepSeekConfig:
                           n_heads=heads, q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
                           qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
                           v_head_dim=hf["v_head_dim"], max_seq_len=_max_len(hf, False),
-                          rope_theta=_rope_theta(hf, 1e4), rope_interleave=bool(hf.get("rope_interleave", True)),
+                          rope_theta=theta, rope_scaling=yarn, rope_interleave=bool(hf.get("rope_interleave", True)),
                           norm_eps=hf.get("rms_norm_eps", 1e-6), ffn_hidden=hf["intermediate_size"], moe=moe,
                           first_dense_layers=hf.get("first_k_dense_replace") or 0,
                           tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -294,6 +307,8 @@ def config_to_hf(arch: str, cfg: AnyConfig, base: dict[str, Any] | None = None,
     if base_len != cfg.max_seq_len:
         out.update(max_position_embeddings=cfg.max_seq_len, sliding_window=None, use_sliding_window=False)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if isinstance(cfg, DeepSeekConfig) and cfg.rope_scaling:
+        rope = {**cfg.rope_scaling, "rope_type": "yarn", "rope_theta": cfg.rope_theta}
     out.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
                hidden_act="silu", rope_parameters=rope, num_experts_per_tok=moe.top_k,

@@ -6,9 +6,11 @@ experts module, the shared expert(s). So the parameters are the very same `nn.Pa
 copied), `state_dict()` keys do not change, an optimizer built before or after patching trains what
 `save_pretrained` writes, and transformers' output-capturing hooks on the router class still record the router
 logits that its load-balancing loss reads. What changes is the path: HF's router output becomes a moeflow
-`Routing` record, `LocalDispatcher` permutes the tokens into expert-contiguous rows, one grouped matmul per
-weight runs all experts (instead of HF's loop over experts with `torch.where` gathers), and the dispatcher
-combines. Plain silu/gelu/relu experts run as moeflow's fused, chunked grouped MLP (`ops.grouped_mlp.grouped_mlp`).
+`Routing` record (routing decisions stay exactly HF's: its router module computes them), `LocalDispatcher`
+permutes the tokens into expert-contiguous rows, moeflow's experts run every block of rows (instead of HF's
+experts implementation: the eager per-expert loop, `grouped_mm` or `batched_mm`), and the dispatcher combines.
+Plain silu/gelu/relu experts on CPU run as moeflow's fused, chunked grouped MLP (`ops.grouped_mlp`), whose
+weight-gradient memory is reused across steps; on CUDA bf16 they run as `torch._grouped_mm`.
 The block returns what HF's block returns: the hidden states [B, S, D].
 
 HF experts since transformers 5 are already stacked (`gate_up_proj` [E, 2H, D], gate rows first; `down_proj`
@@ -71,7 +73,8 @@ class PatchedMoE(nn.Module):
             # per-sequence capacity: the HF router needs [B, S, D]; it zeroes the one-hot rows of dropped tokens
             onehot_BSE, p_BS1, logits_BSE = self.router(x)
             logits_TE = logits_BSE.reshape(-1, logits_BSE.shape[-1])
-            e_T1 = logits_TE.argmax(-1, keepdim=True)
+            # HF's own argmax: over fp32 softmax probabilities cast back to the input dtype
+            e_T1 = torch.softmax(logits_TE.float(), -1).to(x.dtype).argmax(-1, keepdim=True)
             kept_T = onehot_BSE.reshape(-1, onehot_BSE.shape[-1]).sum(-1) > 0
             return routing_from_topk(logits_TE, torch.softmax(logits_TE.float(), -1), e_T1, p_BS1.reshape(-1, 1),
                                      kept_T, self.router.expert_capacity)

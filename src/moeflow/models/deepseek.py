@@ -14,6 +14,7 @@ Names follow DeepSeek's reference inference code (wq_a, q_norm, wq_b, wkv_a, kv_
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,9 @@ class DeepSeekConfig:
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
     rope_interleave: bool = True  # rotary pairs are (x0, x1), (x2, x3), ... as in DeepSeek's checkpoints
+    # YaRN context extension (DeepSeek-V3: factor 40 over 4096 positions); None = plain RoPE. Keys as in HF:
+    # factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate
+    rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-6
     latent_norm_eps: float = 1e-6  # eps of q_norm / kv_norm (HF uses the RMSNorm default, not rms_norm_eps)
     ffn_hidden: int = 18432  # dense layers' hidden size
@@ -68,6 +72,13 @@ class DeepSeekConfig:
         if not 0 <= self.first_dense_layers <= self.n_layers:
             raise ConfigError(f"DeepSeekConfig.first_dense_layers must be in [0, {self.n_layers}], "
                               f"got {self.first_dense_layers}")
+        if self.rope_scaling is not None:
+            unknown = set(self.rope_scaling) - YARN_KEYS
+            if unknown or "factor" not in self.rope_scaling or "original_max_position_embeddings" not in \
+                    self.rope_scaling:
+                raise ConfigError(f"DeepSeekConfig.rope_scaling must be YaRN parameters with factor and "
+                                  f"original_max_position_embeddings (known keys: {', '.join(sorted(YARN_KEYS))}); "
+                                  f"got {self.rope_scaling}")
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ConfigError(f"DeepSeekConfig.moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
 
@@ -86,6 +97,50 @@ class DeepSeekConfig:
         if isinstance(d.get("moe"), dict):
             d["moe"] = MoEConfig(**d["moe"])
         return cls(**d)
+
+
+YARN_KEYS = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate"}
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, base: float, p: dict[str, Any]) -> tuple[Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv:2309.00071) frequencies and cos/sin factor, as HF computes them.
+
+    Dimensions rotating fewer than beta_slow times over the original context are interpolated (divided by
+    `factor`), those rotating more than beta_fast times are kept, with a linear ramp between.
+    """
+    factor, orig = float(p["factor"]), p["original_max_position_embeddings"]
+    att = p.get("attention_factor")
+    if att is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        att = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, float(att)
+
+
+def rope_tables(positions: Tensor, dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[Tensor, Tensor]:
+    """fp32 cos, sin [S, dim] in HF's half-split layout: plain RoPE, or YaRN-scaled."""
+    if not scaling:
+        return rope_cos_sin(positions, dim, theta)
+    inv_freq, att = yarn_inv_freq(dim, theta, scaling)
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * att, emb.sin() * att
 
 
 def rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -154,6 +209,9 @@ class MLAttention(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (n + v), bias=False)
         self.wo = nn.Linear(h * v, cfg.d_model, bias=cfg.attn_bias)
         self.scale = (n + p) ** -0.5
+        m_all = (cfg.rope_scaling or {}).get("mscale_all_dim")
+        if m_all:  # YaRN also sharpens the attention logits (DeepSeek-V2/V3: mscale^2 on the softmax scale)
+            self.scale *= yarn_mscale(float(cfg.rope_scaling["factor"]), m_all) ** 2  # type: ignore[index]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None = None, layer: int = 0) -> Tensor:
         """x [B, S, D] -> [B, S, D]."""
@@ -245,7 +303,7 @@ class DeepSeekV3(nn.Module):
         if start + s > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start + s} exceed max_seq_len={self.cfg.max_seq_len}")
         positions = torch.arange(start, start + s, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)  # [S, P]
+        cos, sin = rope_tables(positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, cache)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from moeflow.ops.grouped_mlp import GATED, grouped_mlp  # noqa: F401 (re-exported: the fused MLP has its own file)
 
+
 class _LoopGroupedLinear(torch.autograd.Function):
     """Per-expert GEMMs over contiguous row blocks, written into preallocated outputs.
 
@@ -37,7 +38,8 @@ class _LoopGroupedLinear(torch.autograd.Function):
         x_RI, w_EOI = ctx.saved_tensors
         g_RO = g_RO.contiguous()
         gx = torch.empty_like(x_RI) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(w_EOI) if ctx.needs_input_grad[1] else None
+        # uninitialised: each used expert's block is overwritten below, unused ones are zeroed (saves a full fill)
+        gw = torch.empty_like(w_EOI) if ctx.needs_input_grad[1] else None
         start = 0
         for e, n in enumerate(ctx.splits):
             if n:
@@ -46,6 +48,8 @@ class _LoopGroupedLinear(torch.autograd.Function):
                     torch.mm(g_RO[rows], w_EOI[e], out=gx[rows])
                 if gw is not None:
                     torch.mm(g_RO[rows].t(), x_RI[rows], out=gw[e])
+            elif gw is not None:
+                gw[e].zero_()
             start += n
         return gx, gw, None
 

@@ -117,7 +117,7 @@ def _storage_users(t: Tensor) -> int:
 
 
 class _GroupedMLP(torch.autograd.Function):
-    """y = (act(x W_in^T) * scale) W_out^T per expert block, chunk by chunk.
+    """y = act(x W_in^T) W_out^T per expert block, chunk by chunk.
 
     Saved for the backward: x, the weights and the pre-activation h (per chunk, so each piece stays under the
     mmap threshold). The backward recomputes act(h) per chunk and fuses the activation's derivative, so no
@@ -126,21 +126,18 @@ class _GroupedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
-                scale_R: Tensor | None, splits: list[int], activation: str, keep: bool,
-                grad_buffers: GradBuffers | None) -> Tensor:
-        """y[block e] = (act(x[block e] @ w_in[e]^T) * scale) @ w_out[e]^T; `keep`: save h for a backward."""
+                splits: list[int], activation: str, keep: bool, grad_buffers: GradBuffers | None) -> Tensor:
+        """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T; `keep`: save h for a backward."""
         rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
         y_RD = x_RD.new_empty(x_RD.shape[0], w_out_EDH.shape[1])
         h_chunks = []
         for e, lo, hi, _ in _chunks(splits, rows):
             h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
             a, _ = _act_forward(h, activation)
-            if scale_R is not None:
-                a.mul_(scale_R[lo:hi, None])
             torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
             if keep:
                 h_chunks.append(h)
-        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, scale_R, *h_chunks)
+        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, *h_chunks)
         ctx.splits, ctx.activation, ctx.rows = splits, activation, rows
         ctx.grad_buffers = grad_buffers if grad_buffers is not None else GradBuffers()
         return y_RD
@@ -148,25 +145,18 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_RD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        """Per chunk: recompute act(h), then the gradients of w_out, scale, h, w_in and x in turn."""
-        x_RD, w_in_EFD, w_out_EDH, scale_R, *h_chunks = ctx.saved_tensors
-        need_x, need_w_in, need_w_out, need_scale = ctx.needs_input_grad[:4]
+        """Per chunk: recompute act(h), then the gradients of w_out, h, w_in and x in turn."""
+        x_RD, w_in_EFD, w_out_EDH, *h_chunks = ctx.saved_tensors
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
         g_RD = g_RD.contiguous()
         gx_RD = torch.empty_like(x_RD) if need_x else None
         # uninitialised: each expert's first chunk overwrites its block; experts without rows are zeroed below
         gw_in = ctx.grad_buffers.empty_like("w_in", w_in_EFD) if need_w_in else None
         gw_out = ctx.grad_buffers.empty_like("w_out", w_out_EDH) if need_w_out else None
-        gs_R = torch.empty_like(scale_R) if need_scale else None
         for (e, lo, hi, first), h in zip(_chunks(ctx.splits, ctx.rows), h_chunks):
             g, x = g_RD[lo:hi], x_RD[lo:hi]
             a, act_gate = _act_forward(h, ctx.activation)
             grad_a = torch.mm(g, w_out_EDH[e])
-            if scale_R is not None:
-                s = scale_R[lo:hi, None]
-                if gs_R is not None:
-                    torch.linalg.vecdot(grad_a, a, out=gs_R[lo:hi])
-                a.mul_(s)
-                grad_a.mul_(s)
             if gw_out is not None:
                 _mm_into(gw_out[e], g.t(), a, not first)
             grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
@@ -179,11 +169,11 @@ class _GroupedMLP(torch.autograd.Function):
                 for gw in (gw_in, gw_out):
                     if gw is not None:
                         gw[e].zero_()
-        return gx_RD, gw_in, gw_out, gs_R, None, None, None, None
+        return gx_RD, gw_in, gw_out, None, None, None, None
 
 
 def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
-                scale_R: Tensor | None = None, grad_buffers: GradBuffers | None = None) -> Tensor:
+                grad_buffers: GradBuffers | None = None) -> Tensor:
     """Expert e's FFN on its block of rows, fused per cache-sized chunk: [R, D] -> [R, D].
 
     Args:
@@ -191,8 +181,6 @@ def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[
         w_in_EFD, w_out_EDH: stacked expert weights (gated activations: gate rows, then up rows of w_in).
         splits: rows per expert, as Python ints.
         activation: "swiglu" | "geglu" | "relu" | "gelu" | "silu".
-        scale_R: optional per-row factor applied to the activation before w_out (a combine weight folded into
-            the experts: w * W(a) = W(w * a)).
         grad_buffers: the owning module's GradBuffers, to reuse the weight-gradient memory across steps.
     """
     gated = activation in GATED
@@ -210,9 +198,6 @@ def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[
         dtype = torch.get_autocast_dtype(x_RD.device.type)
         with torch.autocast(x_RD.device.type, enabled=False):
             return grouped_mlp(x_RD.to(dtype), w_in_EFD.to(dtype), w_out_EDH.to(dtype), splits, activation,
-                               None if scale_R is None else scale_R.to(dtype), grad_buffers)
-    if scale_R is not None:
-        scale_R = scale_R.to(x_RD.dtype)
-    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x_RD, w_in_EFD, w_out_EDH, scale_R))
-    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, scale_R, splits, activation, keep, grad_buffers)
+                               grad_buffers)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x_RD, w_in_EFD, w_out_EDH))
+    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, splits, activation, keep, grad_buffers)

@@ -40,7 +40,6 @@ class ParallelDims:
     rank: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
     step: int | None = None
-    barriers: int = field(default=0, repr=False)  # barrier_with_timeout calls so far (part of the store keys)
     ep_group: dist.ProcessGroup | None = field(default=None, repr=False)  # ranks holding different experts
     edp_group: dist.ProcessGroup | None = field(default=None, repr=False)  # ranks holding the same experts
     world_group: dist.ProcessGroup | None = field(default=None, repr=False)

@@ -14,6 +14,7 @@ Three layers, cheapest first:
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ from contextlib import contextmanager
 import torch.distributed as dist
 
 from moeflow.parallel.groups import ParallelDims
+
+# NOTE: barrier keys live in the process group's store, which is per process, so the counter is too; every rank
+# calls barrier_with_timeout the same number of times in the same order, hence the same key for the same barrier.
+_BARRIER_IDS = itertools.count(1)
 
 
 class PeerFailureError(RuntimeError):
@@ -69,8 +74,7 @@ def barrier_with_timeout(dims: ParallelDims, name: str = "barrier", timeout_s: f
     if not dims.distributed:
         return
     timeout_s = timeout_s if timeout_s is not None else dims.timeout_s
-    dims.barriers += 1  # every rank counts its barriers the same way, so keys of one barrier match
-    prefix = f"moeflow/barrier/{dims.barriers}/{name}"
+    prefix = f"moeflow/barrier/{next(_BARRIER_IDS)}/{name}"
     keys = [f"{prefix}/{r}" for r in range(dims.world)]
     t0 = time.monotonic()
     with collective_guard(name, dims, timeout_s):

@@ -44,12 +44,14 @@ def _optimizer(model: nn.Module, cfg: TranslateConfig) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def collect_language_routing(model: Seq2SeqTransformer, data: TranslateData, batches: int = 8,
-                             batch_size: int = 128, seed: int = 0, training_routing: bool = True
-                             ) -> dict[str, LanguageRouting]:
+                             batch_size: int = 128, seed: int = 0, training_routing: bool = True,
+                             shuffle_languages: bool = False) -> dict[str, LanguageRouting]:
     """Language x expert tables per MoE layer over mixed-language held-out batches.
 
     With `training_routing` the layers route as in training (capacity, local groups, random routing; dropout
     off), so drops are those training sees; otherwise with the inference config (dropless by default).
+    `shuffle_languages` permutes the language labels across the sentences of each batch (same batches): the MI
+    of those tables is what finite samples give without any dependence, a baseline for the real MI.
     """
     layers = model.moe_layers()
     stats = {name: LanguageRouting(data.codes, layer.train_cfg.num_experts) for name, layer in layers}
@@ -59,9 +61,12 @@ def collect_language_routing(model: Seq2SeqTransformer, data: TranslateData, bat
         if isinstance(m, nn.Dropout):
             m.eval()
     gen = torch.Generator().manual_seed(seed)
+    perm_gen = torch.Generator().manual_seed(seed + 1)  # its own stream: the batches stay those of the real tables
     for _ in range(batches):
         idx = torch.randint(len(data.heldout), (batch_size,), generator=gen)
         src, tin, _, lang_B = data.heldout.batch(idx)
+        if shuffle_languages:
+            lang_B = lang_B[torch.randperm(len(lang_B), generator=perm_gen)]
         model(src, tin)
         for name, layer in layers:
             assert layer.moe.last_routing is not None and layer.last_batch_ids_N is not None
@@ -176,6 +181,7 @@ def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log:
                 log(f"CPU limit {cfg.cpu_limit_s:.0f}s reached at step {step}")
                 break
     routing = collect_language_routing(model, data, seed=cfg.seed)
+    shuffled = collect_language_routing(model, data, seed=cfg.seed, shuffle_languages=True)
     ev = last_eval["eval"]
     summary: dict[str, Any] = {
         "steps": step, "planned_steps": cfg.steps, "train_s": train_s, "train_cpu_s": cpu_s,
@@ -186,10 +192,11 @@ def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log:
         "mean_cer": statistics.fmean(v["cer"] for v in ev.values()),
         "train_dropped_fraction": statistics.fmean(drops) if drops else 0.0,
         "params": model.num_params(), "active_params": model.num_params(active=True),
-        "routing": {name: s.summary() for name, s in routing.items()},
+        "routing": {name: {**s.summary(), "mi_shuffled_bits": shuffled[name].mutual_information()}
+                    for name, s in routing.items()},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(run_dir, cfg, summary, routing, figures=figures)
+    write_report(run_dir, cfg, summary, routing, shuffled, figures=figures)
     return summary
 
 
@@ -204,7 +211,8 @@ def dominant_experts(stats: LanguageRouting, top: int = 2) -> str:
 
 
 def write_report(run_dir: Path, cfg: TranslateConfig, summary: dict[str, Any],
-                 routing: dict[str, LanguageRouting], figures: bool = True) -> Path:
+                 routing: dict[str, LanguageRouting], shuffled: dict[str, LanguageRouting] | None = None,
+                 figures: bool = True) -> Path:
     """report.md (+ PNG figures when asked and matplotlib is installed) in the run folder."""
     m = cfg.model
     moe = m.moe
@@ -228,8 +236,10 @@ def write_report(run_dir: Path, cfg: TranslateConfig, summary: dict[str, Any],
     lines.append(f"| mean | {summary['mean_exact']:.3f} | {summary['mean_cer']:.4f} | |")
     lines += ["", "## Routing by language", "",
               "Held-out batches with mixed languages, routed as in training (capacity, groups, random routing). "
-              "Each routed assignment counts once; MI is I(language; expert) in bits.", ""]
-    lines.append(routing_markdown(routing))
+              "Each routed assignment counts once; MI is I(language; expert) in bits; 'MI shuffled' is the MI "
+              "after permuting the language labels across the sentences of each batch (same batches): the baseline of "
+              "no dependence.", ""]
+    lines.append(routing_markdown(routing, shuffled))
     if routing:
         lines += ["Heat map, most used experts per language:", ""]
         lines += [f"- {name}: {dominant_experts(s)}" for name, s in routing.items()]

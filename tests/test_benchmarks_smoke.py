@@ -1,0 +1,36 @@
+"""Smoke test of benchmarks/layer.py: the --quick run completes and prints a well-formed table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layer.py"
+ROW = re.compile(r"^(?P<cfg>[A-D])\s+(?P<impl>\S+)\s+(?P<fwd>[\d.]+)\s+(?P<full>[\d.]+)\s+(?P<dense>[\d.]+) \([\d.]+\)"
+                 r"\s+(?P<naive>[\d.]+) \([\d.]+\)\s+(?P<peak>\d+)$")
+
+
+def test_layer_benchmark_quick_runs_and_prints_the_table() -> None:
+    """Tiny configs A and C (top-k dropless; Switch with capacity), both MoE impls, memory probes included, on one
+    thread (two stall on OpenMP barriers when the shared CPU is busy): every row parses, the reference rows have
+    ratio 1, the MoE output equals the naive loop's, and the T / 2T memory lines are printed."""
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--configs", "A,C", "--impls", "loop,bmm", "--repeats", "2",
+           "--threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    rows = [m.groupdict() for line in res.stdout.splitlines() if (m := ROW.match(line))]
+    assert [(r["cfg"], r["impl"]) for r in rows] == [(c, i) for c in "AC"
+                                                     for i in ("dense", "moe[loop]", "moe[bmm]", "naive")]
+    for r in rows:
+        assert float(r["full"]) >= float(r["fwd"]) > 0
+        if r["impl"] == "dense":
+            assert r["dense"] == "1.00"
+        if r["impl"] == "naive":
+            assert r["naive"] == "1.00"
+    errors = [float(e) for e in re.findall(r"max \|moe - naive\| = (\S+)", res.stdout)]
+    assert len(errors) == 2 and max(errors) < 1e-4
+    scaling = re.findall(r"^([AC])\s+moe\[(\w+)\]\s+T:\s+\d+ MB\s+2T:\s+\d+ MB\s+ratio (?:[\d.]+|-)$", res.stdout,
+                         re.M)
+    assert sorted(scaling) == [("A", "bmm"), ("A", "loop"), ("C", "bmm"), ("C", "loop")]
