@@ -31,6 +31,6 @@ def test_layer_benchmark_quick_runs_and_prints_the_table() -> None:
             assert r["naive"] == "1.00"
     errors = [float(e) for e in re.findall(r"max \|moe - naive\| = (\S+)", res.stdout)]
     assert len(errors) == 2 and max(errors) < 1e-4
-    scaling = re.findall(r"^([AC])\s+moe\[(\w+)\]\s+T:\s+\d+ MB\s+2T:\s+\d+ MB\s+ratio (?:[\d.]+|-)$", res.stdout,
-                         re.M)
+    scaling = re.findall(r"^([AC])\s+moe\[(\w+)\]\s+T:\s+\d+ MB\s+2T:\s+\d+ MB\s+ratio\s+(?:[\d.]+|-)\s+"
+                         r"\[T, E, C\] mask: \d+ -> \d+ MB$", res.stdout, re.M)
     assert sorted(scaling) == [("A", "bmm"), ("A", "loop"), ("C", "bmm"), ("C", "loop")]

@@ -297,3 +297,50 @@ def test_dense_preset_trains_and_logs_no_routing(tmp_path: Path, text_file: Path
     recs = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert res.step == 8 and all(r["layers"] == [] for r in recs if r["kind"] == "train")
     assert res.val_loss < math.log(256)  # it learned something in 8 steps
+
+
+# ----------------------------------------------------------------------------------------------- stats, progress
+def test_layer_stats_match_the_routing_records() -> None:
+    from moeflow import MoEConfig, MoELayer
+    from moeflow.analysis.stats import layer_stats, load_imbalance, smooth, summarize_layers
+
+    layers = [MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=k, router=r, capacity_factor=cf))
+              for r, k, cf in (("topk", 2, None), ("switch", 1, 0.5))]
+    x = torch.randn(32, 8)
+    routings = []
+    for layer in layers:
+        layer(x)
+        routings.append(layer.last_routing)
+    stats = layer_stats(routings)
+    for s, r in zip(stats, routings):
+        assert s["tokens_per_expert"] == r.tokens_per_expert.tolist()
+        assert s["dropped_fraction"] == pytest.approx(float(r.dropped_fraction))
+        assert s["entropy"] == pytest.approx(float(r.entropy))
+        assert s["losses"].keys() == r.losses.keys()
+    assert sum(stats[0]["tokens_per_expert"]) == 64 and stats[0]["dropped_fraction"] == 0.0
+    assert stats[1]["dropped_fraction"] >= 0.5  # capacity 0.5 * 32 / 4 = 4 slots x 4 experts for 32 tokens
+    assert load_imbalance([4, 4, 4, 4]) == 1.0 and load_imbalance([16, 0, 0, 0]) == 4.0
+    assert summarize_layers(stats)["imbalance"] == max(load_imbalance(s["tokens_per_expert"]) for s in stats)
+    np.testing.assert_allclose(smooth(np.array([1.0, 3.0, np.nan, 5.0]), 2), [1.0, 2.0, 3.0, 5.0])
+
+
+def test_progress_bar_on_tty_and_lines_elsewhere() -> None:
+    import io
+
+    from moeflow.train.metrics import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        p = Progress(30, every=10, stream=stream)
+        for step in range(1, 31):
+            p.update(step, {"loss": "1.0"})
+        p.message("eval")
+        p.close()
+    assert tty.getvalue().startswith("\r[") and "step 30/30 loss 1.0" in tty.getvalue()
+    assert tty.getvalue().count("\n") == 1 + 1  # the bar's line is ended once before "eval", then "eval\n"
+    lines = log.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines[:-1]] == ["1/30", "10/30", "20/30", "30/30"] and lines[-1] == "eval"

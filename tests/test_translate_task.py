@@ -158,12 +158,12 @@ def test_train_and_translate_commands_on_a_tiny_config(tmp_path, capsys) -> None
 
 def test_ablate_command_prints_the_table(tmp_path, capsys) -> None:
     assert main(["ablate", "--task", "translate", "--preset", "tiny", "--steps", "3", "--set", "eval_sentences=2",
-                 "--axis", "capacity_factor=0.5,1.0", "--axis", "random_routing=off", "--out",
-                 str(tmp_path / "abl")]) == 0
+                 "--axis", "capacity_factor=0.5,1.0", "--out", str(tmp_path / "abl")]) == 0
     table = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("variant"))
-    assert [line.split()[0] for line in table[header + 1:]] == [
-        "base", "capacity_factor=0.5", "random_routing=False", "dense"]
+    rows = [line.split() for line in table[header + 1:]]
+    assert [r[0] for r in rows] == ["base", "capacity_factor=0.5", "dense"]
+    assert float(rows[1][6]) > float(rows[0][6]) and rows[2][6] == "0.000"  # dropped: less capacity drops more
     assert (tmp_path / "abl" / "ablation.md").is_file()
 
 

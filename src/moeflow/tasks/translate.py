@@ -80,6 +80,7 @@ class TranslateConfig:
     grad_clip: float = 1.0
     eval_every: int = 500  # 0: only at the end
     eval_sentences: int = 100  # held-out sentences decoded per language
+    routing_batches: int = 8  # held-out batches of 128 sentences for the language x expert tables
     log_every: int = 50
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -88,7 +89,7 @@ class TranslateConfig:
     def __post_init__(self) -> None:
         """Validate the task and optimisation fields."""
         get_languages(self.languages)  # raises on unknown codes
-        for name in ("max_chars", "steps", "batch_size", "eval_sentences", "log_every"):
+        for name in ("max_chars", "steps", "batch_size", "eval_sentences", "routing_batches", "log_every"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ConfigError(f"TranslateConfig.{name} must be a positive integer, got {v!r}")
@@ -144,7 +145,8 @@ def _tiny() -> TranslateConfig:
     # for tests and smoke runs: seconds, not minutes
     return TranslateConfig(model=_model(MoEConfig(d_model=32, d_hidden=16, num_experts=4, top_k=2, router="gshard",
                                                   capacity_factor=1.0), d_model=32, ffn_hidden=32, layers=2),
-                           steps=20, batch_size=16, eval_every=0, eval_sentences=8, log_every=5, warmup=5,
+                           steps=20, batch_size=16, eval_every=0, eval_sentences=8, routing_batches=1, log_every=5,
+                           warmup=5,
                            threads=1)  # one thread: tiny ops are dominated by thread synchronisation
 
 

@@ -180,8 +180,8 @@ def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log:
             if out_of_time:
                 log(f"CPU limit {cfg.cpu_limit_s:.0f}s reached at step {step}")
                 break
-    routing = collect_language_routing(model, data, seed=cfg.seed)
-    shuffled = collect_language_routing(model, data, seed=cfg.seed, shuffle_languages=True)
+    routing = collect_language_routing(model, data, cfg.routing_batches, seed=cfg.seed)
+    shuffled = collect_language_routing(model, data, cfg.routing_batches, seed=cfg.seed, shuffle_languages=True)
     ev = last_eval["eval"]
     summary: dict[str, Any] = {
         "steps": step, "planned_steps": cfg.steps, "train_s": train_s, "train_cpu_s": cpu_s,
