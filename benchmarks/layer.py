@@ -100,6 +100,7 @@ class NaiveLoopMoE(nn.Module):
 
     Copies its weights from a MoELayer so both compute the same function. For capacity-limited routing it
     keeps the first `capacity` tokens of each expert in position order (Switch Transformers' cumsum mask).
+    `aux_loss` holds the router losses of the last forward, as in MoELayer.
     """
 
     def __init__(self, layer: MoELayer) -> None:
@@ -121,13 +122,21 @@ class NaiveLoopMoE(nn.Module):
         gate_in = x_TD
         if self.training and cfg.jitter_eps:
             gate_in = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-        probs_TE = torch.softmax(self.gate(gate_in).float(), dim=-1)
+        logits_TE = self.gate(gate_in).float()
+        probs_TE = torch.softmax(logits_TE, dim=-1)
         weights_TK, experts_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
         if cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         mask_TKE = F.one_hot(experts_TK, cfg.num_experts)
+        # the router losses HF adds in training (load balance; Switch also z-loss), as MoELayer computes them
+        f_E = mask_TKE.sum((0, 1)) / mask_TKE.shape[0] / cfg.top_k
+        self.aux_loss = cfg.aux_loss_coef * cfg.num_experts * (f_E * probs_TE.mean(0)).sum()
+        if cfg.z_loss_coef:
+            self.aux_loss = self.aux_loss + cfg.z_loss_coef * torch.logsumexp(logits_TE, -1).square().mean()
         capacity = cfg.capacity(x_TD.shape[0])
-        if capacity is not None:  # top-1 only here (config C): position = running count per expert
+        if capacity is not None:  # position = running count per expert: the same drops as moeflow for top-1 only
+            if cfg.top_k != 1:
+                raise ValueError("NaiveLoopMoE models capacity for top-1 routing only")
             mask_TKE = mask_TKE * (mask_TKE.cumsum(0) <= capacity)
         mask_EKT = mask_TKE.permute(2, 1, 0)
         out_TD = torch.zeros_like(x_TD)
@@ -160,9 +169,9 @@ def step(module: nn.Module, x: Tensor, clock: Callable[[], float] = time.perf_co
     t0 = clock()
     y = module(x)
     t1 = clock()
-    # a fixed-pattern output gradient; the MoE also backpropagates its aux loss (it is part of the layer)
+    # a fixed-pattern output gradient; the MoE layers also backpropagate their router losses
     loss = (y * torch.linspace(-1.0, 1.0, y.shape[-1])).sum()
-    if isinstance(module, MoELayer):
+    if isinstance(module, (MoELayer, NaiveLoopMoE)):
         loss = loss + module.aux_loss
     loss.backward()
     t2 = clock()
@@ -170,7 +179,8 @@ def step(module: nn.Module, x: Tensor, clock: Callable[[], float] = time.perf_co
 
 
 def check_outputs(models: dict[str, tuple[nn.Module, Tensor]]) -> float:
-    """Largest |moe - naive| over the MoE impls (eval mode, so no router jitter): guards the comparison."""
+    """Largest |moe - naive| of outputs and aux losses over the MoE impls (eval mode, so no router jitter):
+    both compute the same function, so the timings compare like with like."""
     naive, x = models["naive"]
     naive.eval()
     worst = 0.0
@@ -179,7 +189,8 @@ def check_outputs(models: dict[str, tuple[nn.Module, Tensor]]) -> float:
         for name, (module, _) in models.items():
             if name.startswith("moe"):
                 module.eval()
-                worst = max(worst, (module(x) - ref).abs().max().item())
+                worst = max(worst, (module(x) - ref).abs().max().item(),
+                            (module.aux_loss - naive.aux_loss).abs().item())
                 module.train()
     naive.train()
     return worst

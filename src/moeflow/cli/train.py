@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
         print(f"data: {trainer.corpus.source}: {len(trainer.corpus.train):,} training / {len(trainer.corpus.val):,} "
-              f"validation bytes ({time.perf_counter() - t0:.1f} s to prepare)")
+              f"validation bytes ({time.perf_counter() - t0:.1f} s to set up data, model and optimizer)")
         if args.resume:
             print(f"resuming at step {trainer.step} of {cfg.train.steps}")
         else:

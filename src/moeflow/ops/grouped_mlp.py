@@ -7,7 +7,7 @@ Weights are stored like nn.Linear: w_in [E, F, D], w_out [E, D, H].
 Why not two `grouped_linear` calls and autograd in between: on CPU every large temporary is fresh memory that
 page-faults on first touch (glibc serves blocks over 32 MiB with mmap and unmaps them on free), and the autograd
 graph of `silu(gate) * up` keeps three [R, H]-sized tensors and builds a `cat` for the gradient of h. Here the
-activation and all its gradients live one cache-sized chunk at a time.
+activation and all its gradients exist for one chunk (an expert's block, split past 4M elements) at a time.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ _ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Ten
     "gelu": (F.gelu, lambda g, h, out: _aten.gelu_backward.grad_input(g, h, grad_input=out)),
     "relu": (F.relu, lambda g, h, out: _aten.threshold_backward.grad_input(g, h, 0, grad_input=out)),
 }
-# Rows per chunk: at most 4M elements (16 MiB fp32) of pre-activation. Measured on A-D (1 thread): 64K-256K
-# elements starve the GEMMs (each chunk re-streams the expert's weights; up to 3x slower on D), 2M-4M is best,
-# 16M is slower again; chunks under 32 MiB are recycled by glibc's heap instead of page-faulting each step.
+# Rows per chunk: at most 4M elements (16 MiB fp32) of pre-activation. Measured (benchmarks/layer.py A and D,
+# 1 thread): 64K-256K elements starve the GEMMs (each chunk re-streams the expert's weights; D 3.3x / 1.4x
+# slower), 2M-4M is best, 16M slower again; chunks under 32 MiB are recycled by glibc's heap, not page-faulted.
 _CHUNK_ELEMS = 1 << 22
 
 

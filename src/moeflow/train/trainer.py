@@ -214,7 +214,8 @@ class Trainer:
                             f"model.vocab_size={cfg.model.vocab_size}; --set model.vocab_size="
                             f"{self.corpus.max_token + 1} (or larger)")
         torch.manual_seed(tc.seed)
-        self.model = self.hooks.wrap_model(MoETransformer(cfg.model)).to(self.device)
+        # on its device before wrapping: an expert-parallel wrap broadcasts and shards the weights where they live
+        self.model = self.hooks.wrap_model(MoETransformer(cfg.model).to(self.device))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, tc)
         self.batches = BatchStream(self.corpus.train, tc.batch_size, tc.seq_len, tc.seed)
