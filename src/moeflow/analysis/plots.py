@@ -75,8 +75,8 @@ def plot_expert_load(steps: np.ndarray, shares: list[np.ndarray], path: str | Pa
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 2.6 * rows), squeeze=False)
-    vmax = max(float(s.max()) for s in shares if s.size) if any(s.size for s in shares) else 1.0
     steps, shares = _bin_steps(steps, shares, max_columns)
+    vmax = max(float(s.max()) for s in shares if s.size) if any(s.size for s in shares) else 1.0
     for i, share_SE in enumerate(shares):
         ax = axes[i // cols][i % cols]
         e = share_SE.shape[1]

@@ -57,6 +57,8 @@ def write_report(run_dir: str | Path) -> Path:
     if diverged:
         lines += [f"**Stopped: {diverged[-1]['message']}**", ""]
     rate = float(np.median([r["tokens_per_s"] for r in train if r.get("tokens_per_s")])) if train else None
+    cpu_rate = (float(np.median([r["tokens_per_cpu_s"] for r in train if r.get("tokens_per_cpu_s")]))
+                if train and train[-1].get("tokens_per_cpu_s") else None)
     tokens = sum(int(r.get("tokens", 0)) for r in train)
     last_n = max(1, min(20, len(tloss)))
     rows = [("preset", summary.get("preset") or cfg.get("preset") or "custom"),
@@ -68,7 +70,8 @@ def write_report(run_dir: str | Path) -> Path:
             ("tokens seen", f"{tokens:,}"),
             ("training wall time", f"{summary['elapsed_s']:.0f} s" if "elapsed_s" in summary else
              (f"{train[-1]['elapsed_s']:.0f} s" if train and "elapsed_s" in train[-1] else "-")),
-            ("median tokens/s", _fmt(rate, ",.0f")),
+            ("median tokens/s (per CPU-second of the process)",
+             f"{_fmt(rate, ',.0f')} ({_fmt(cpu_rate, ',.0f')})"),
             (f"train loss (mean of last {last_n} steps)", _fmt(float(np.nanmean(tloss[-last_n:])) if tloss.size
                                                               else None)),
             ("final validation loss (nats/byte)", _fmt(float(vloss[-1]) if vloss.size else None)),

@@ -101,7 +101,8 @@ def print_summary(result: TrainResult, report: Path, stream: TextIO | None = Non
     """The final lines: losses, speed, and where everything is."""
     stream = stream or sys.stdout
     m, s = divmod(int(result.elapsed_s), 60)
-    print(f"done: {result.step} steps in {m}:{s:02d} (median {result.tokens_per_s:,.0f} tokens/s)", file=stream)
+    print(f"done: {result.step} steps in {m}:{s:02d} (median {result.tokens_per_s:,.0f} tokens/s, "
+          f"{result.tokens_per_cpu_s:,.0f} tokens per CPU-second)", file=stream)
     print(f"  train loss {result.train_loss:.4f} | validation loss {result.val_loss:.4f} nats/byte = "
           f"{result.val_bpb:.4f} bits/byte", file=stream)
     print(f"  run folder: {result.run_dir}", file=stream)
@@ -112,7 +113,8 @@ def print_summary(result: TrainResult, report: Path, stream: TextIO | None = Non
 def write_summary(result: TrainResult, preset: str | None, data_source: str) -> None:
     """summary.json: the run's final numbers (read by the report and by compare)."""
     d = {"preset": preset, "step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-         "val_bpb": result.val_bpb, "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
+         "val_bpb": result.val_bpb, "tokens_per_s": result.tokens_per_s,
+         "tokens_per_cpu_s": result.tokens_per_cpu_s, "elapsed_s": result.elapsed_s,
          "data_source": data_source}
     (result.run_dir / "summary.json").write_text(json.dumps(d, indent=2) + "\n")
 

@@ -183,6 +183,7 @@ class TrainResult:
     tokens_per_s: float  # median over logged steps
     elapsed_s: float
     checkpoint: Path
+    tokens_per_cpu_s: float = float("nan")  # median tokens per CPU-second (all threads): robust to shared CPUs
 
     @property
     def val_bpb(self) -> float:
@@ -327,17 +328,20 @@ class Trainer:
         progress = Progress(end, start=self.step, every=tc.log_every, stream=self.out, enabled=self.show_progress)
         t_start = time.perf_counter()
         rates: list[float] = []
+        cpu_rates: list[float] = []  # tokens per CPU-second of this process: comparable across a shared machine
         recent: list[float] = []
         val_loss = float("nan")
         self.model.train()
         try:
             while self.step < end:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rec = self.train_step()
-                dt = time.perf_counter() - t0
+                dt, cdt = time.perf_counter() - t0, time.process_time() - c0
                 rates.append(rec["tokens"] / dt)
+                cpu_rates.append(rec["tokens"] / max(cdt, 1e-9))
                 recent = (recent + [rec["loss"]])[-20:]
                 rec["tokens_per_s"] = rates[-1]
+                rec["tokens_per_cpu_s"] = cpu_rates[-1]
                 rec["elapsed_s"] = self.elapsed_before + time.perf_counter() - t_start
                 if log:
                     log.write(rec)
@@ -369,9 +373,12 @@ class Trainer:
         if not math.isfinite(val_loss):
             val_loss = self.evaluate()  # stopped early between evaluations
         elapsed = self.elapsed_before + time.perf_counter() - t_start
-        rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
-        return TrainResult(self.run_dir, self.step, sum(recent) / max(len(recent), 1), val_loss, rate, elapsed,
-                           self.ckpt_path)
+        return TrainResult(self.run_dir, self.step, sum(recent) / max(len(recent), 1), val_loss, _median(rates),
+                           elapsed, self.ckpt_path, _median(cpu_rates))
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 def model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETransformer, RunConfig, dict[str, Any]]:
