@@ -202,8 +202,11 @@ def time_config(shape: Shape, impls: list[str], repeats: int, clock: Callable[[]
     models = build(shape, impls, shape.tokens)
     err = check_outputs(models)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    names = list(models)
     for r in range(warmup + repeats):
-        for name, (module, x) in models.items():
+        # rotate the order: each impl inherits the allocator state (heap size, mapped pages) of the one before
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            module, x = models[name]
             t = step(module, x, clock)
             if r >= warmup:
                 samples[name].append(t)

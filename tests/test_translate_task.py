@@ -50,6 +50,8 @@ def test_languages_on_the_corpus_are_invertible_distinct_and_deterministic(corpu
     assert LANGUAGES["vow"].encode("the queue") == "thi qaiai"
     assert LANGUAGES["rev"].encode("one two three") == "three two one"
     assert LANGUAGES["wrv"].encode("one two's") == "eno s'owt"
+    assert LANGUAGES["atb"].encode("abc xyz") == "zyx cba" and LANGUAGES["rot"].encode("abc xyz") == "nop klm"
+    assert LANGUAGES["rcp"].encode("abc xyz") == "bnm qwe" and LANGUAGES["wvw"].encode("one two") == "inu uwt"
     assert segment_sentences(pydoc_text(), max_chars=32) == corpus
 
 

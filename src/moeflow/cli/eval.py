@@ -24,15 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split to score (default val)")
     p.add_argument("--data", metavar="PATH", help="score other data instead of the run's own (same formats as train)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the run's train.threads)")
     p.set_defaults(func=run)
 
 
 @torch.no_grad()
 def evaluate_run(run_dir: str, batches: int | None = None, split: str = "val", data: str | None = None,
-                 device: str = "cpu") -> tuple[float, int, int]:
+                 device: str = "cpu", threads: int | None = None) -> tuple[float, int, int]:
     """(mean loss in nats per token, tokens scored, step of the checkpoint)."""
     dev = resolve_device(device)
     model, cfg, ckpt = model_from_run(run_dir, device=str(dev))
+    threads = cfg.train.threads if threads is None else threads
+    if threads:
+        torch.set_num_threads(threads)
     corpus = load_corpus(cfg.data if data is None else dataclasses.replace(cfg.data, path=data))
     if corpus.max_token >= cfg.model.vocab_size:
         raise DataError(f"{corpus.source}: token id {corpus.max_token} is outside the model's vocabulary "
@@ -50,7 +54,7 @@ def evaluate_run(run_dir: str, batches: int | None = None, split: str = "val", d
 def run(args: argparse.Namespace) -> int:
     """Print loss (nats/byte) and bits per byte."""
     try:
-        loss, count, step = evaluate_run(args.run, args.batches, args.split, args.data, args.device)
+        loss, count, step = evaluate_run(args.run, args.batches, args.split, args.data, args.device, args.threads)
     except (CheckpointError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix every step (no KV cache)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the run's train.threads)")
     p.set_defaults(func=run)
 
 
@@ -37,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    threads = cfg.train.threads if args.threads is None else args.threads
+    if threads:
+        torch.set_num_threads(threads)
     ids = encode(args.prompt)
     if not ids:
         print("error: --prompt is empty; give at least one character", file=sys.stderr)

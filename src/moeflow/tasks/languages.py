@@ -6,7 +6,9 @@ charset `CHARSET` (letters, space, apostrophe). They differ in what a model must
 - `cip`: a fixed substitution cipher on the letters (the QWERTY row order: a->q, b->w, ...): a per-character lookup;
 - `vow`: vowels rotate (a->e->i->o->u->a), consonants stay: a smaller lookup that leaves most characters alone;
 - `rev`: the word order is reversed: a long-range, content-independent reordering;
-- `wrv`: each word is spelled backwards: a local reordering inside word boundaries.
+- `wrv`: each word is spelled backwards: a local reordering inside word boundaries;
+- `atb`: Atbash (a<->z, b<->y, ...) and `rot`: ROT13, two more letter lookups that compete with `cip` for capacity;
+- `rcp`: `rev` then `cip`, and `wvw`: `wrv` then `vow`: a reordering and a lookup at once.
 
 The English side comes from `pydoc_data.topics` of the running interpreter (stdlib, no download): the text is
 cut at punctuation into clauses, words outside the charset break a clause, and clauses are packed greedily into
@@ -35,6 +37,8 @@ def _translator(src: str, dst: str) -> tuple[dict[int, int], dict[int, int]]:
 
 _CIP_FWD, _CIP_INV = _translator(string.ascii_lowercase, _CIPHER_KEY)
 _VOW_FWD, _VOW_INV = _translator(_VOWELS, _VOWELS[1:] + _VOWELS[0])
+_ATB, _ = _translator(string.ascii_lowercase, string.ascii_lowercase[::-1])  # self-inverse
+_ROT, _ = _translator(string.ascii_lowercase, string.ascii_lowercase[13:] + string.ascii_lowercase[:13])
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,13 @@ LANGUAGES: dict[str, Language] = {
                     lambda s: s.translate(_VOW_FWD), lambda s: s.translate(_VOW_INV)),
     "rev": Language("rev", "word order reversed", _reverse_words, _reverse_words),
     "wrv": Language("wrv", "each word spelled backwards", _reverse_each_word, _reverse_each_word),
+    "atb": Language("atb", "Atbash: a<->z, b<->y, ...", lambda s: s.translate(_ATB), lambda s: s.translate(_ATB)),
+    "rot": Language("rot", "ROT13", lambda s: s.translate(_ROT), lambda s: s.translate(_ROT)),
+    "rcp": Language("rcp", "word order reversed, then the cip cipher",
+                    lambda s: _reverse_words(s).translate(_CIP_FWD), lambda s: _reverse_words(s.translate(_CIP_INV))),
+    "wvw": Language("wvw", "each word spelled backwards, then vowels rotated",
+                    lambda s: _reverse_each_word(s).translate(_VOW_FWD),
+                    lambda s: _reverse_each_word(s.translate(_VOW_INV))),
 }
 
 
