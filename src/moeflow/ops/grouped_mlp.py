@@ -174,7 +174,7 @@ class _GroupedMLP(torch.autograd.Function):
 
 def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
                 grad_buffers: GradBuffers | None = None) -> Tensor:
-    """Expert e's FFN on its block of rows, fused per cache-sized chunk: [R, D] -> [R, D].
+    """Expert e's FFN on its block of rows, fused and chunked, with a hand-written backward: [R, D] -> [R, D].
 
     Args:
         x_RD: rows sorted by expert; block e has splits[e] rows.
