@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(its config.json is used; --max-steps may extend it)")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop at this step with a checkpoint, without "
                    "changing the schedule (continue later with --resume)")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert-parallel size under torchrun: experts of every MoE layer are split over N ranks, "
+                        "the rest is data-parallel (world = N x DP); e.g. torchrun --nproc-per-node 4 -m moeflow "
+                        "train --ep 2")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
@@ -134,12 +139,41 @@ def run(args: argparse.Namespace) -> int:
         print(write_report(args.report_only))
         return 0
     t_total = time.perf_counter()
+    hooks, dims = _parallel_hooks(args)
+    main = dims is None or dims.rank == 0
+    try:
+        return _run_training(args, hooks, main, t_total)
+    finally:
+        if dims is not None:
+            from moeflow.parallel import shutdown
+
+            shutdown(dims)
+
+
+def _parallel_hooks(args: argparse.Namespace) -> tuple[object | None, object | None]:
+    """DistributedHooks when launched by torchrun (WORLD_SIZE > 1) or with --ep; (None, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ep is None and world == 1:
+        return None, None
+    from moeflow.parallel import DistributedHooks, init_distributed
+
+    dims = init_distributed(ep=args.ep or 1)
+    return DistributedHooks(dims), dims
+
+
+def _run_training(args: argparse.Namespace, hooks: object | None, main: bool, t_total: float) -> int:
+    """The single- or multi-process training run; only rank 0 prints and writes the report."""
+    from moeflow.analysis.report import write_report
+
+    say = print if main else (lambda *a, **k: None)
     try:
         if args.resume:
             cfg, preset, run_dir = _resume_config(args)
         else:
             cfg, preset = resolve_config(args)
-            name = args.name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # under torchrun every rank must derive the same default name: agree on one timestamp first
+            stamp = hooks.mean(time.time()) if hooks is not None else time.time()
+            name = args.name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}"
             run_dir = Path(args.out) / name
         if args.show_config:
             print(json.dumps({"preset": preset, **cfg.to_dict()}, indent=2))
@@ -147,14 +181,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.resume and (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "
                               "another --name")
-        print(f"run folder {run_dir}  (preset {preset}, {cfg.model.num_params():,} parameters, "
+        say(f"run folder {run_dir}  (preset {preset}, {cfg.model.num_params():,} parameters, "
               f"{cfg.model.num_active_params():,} active per token)")
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
-        print(f"data: {trainer.corpus.source}: {len(trainer.corpus.train):,} training / {len(trainer.corpus.val):,} "
+        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, hooks=hooks)
+        say(f"data: {trainer.corpus.source}: {len(trainer.corpus.train):,} training / {len(trainer.corpus.val):,} "
               f"validation bytes ({time.perf_counter() - t0:.1f} s to set up data, model and optimizer)")
         if args.resume:
-            print(f"resuming at step {trainer.step} of {cfg.train.steps}")
+            say(f"resuming at step {trainer.step} of {cfg.train.steps}")
         else:
             trainer.write_config(preset)
     except USER_ERRORS as e:
@@ -164,13 +198,16 @@ def run(args: argparse.Namespace) -> int:
         result = trainer.run(stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"partial report: {write_report(run_dir)}", file=sys.stderr)
+        if main:
+            print(f"partial report: {write_report(run_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if trainer.last_ckpt_step is not None:
             print(f"\ninterrupted; the checkpoint at step {trainer.last_ckpt_step} is intact: "
                   f"moeflow train --resume {run_dir}", file=sys.stderr)
         raise
+    if not main:
+        return 0
     write_summary(result, preset, trainer.corpus.source)
     report = write_report(run_dir)
     print_summary(result, report)

@@ -37,6 +37,10 @@ class DistributedHooks:
         self._model = parallelize(model, self.dims, self.mode)
         return self._model
 
+    def begin_step(self, step: int) -> None:
+        """Record the step about to run, so a PeerFailureError names it."""
+        self.dims.step = step
+
     def reduce_gradients(self, model: nn.Module) -> None:
         """Replicated grads: world mean; expert grads: EDP sum / world."""
         allreduce_gradients(model, self.dims)

@@ -293,6 +293,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns the record to log (raises TrainingDiverged on NaN/inf)."""
         tc, cfgm = self.cfg.train, self.cfg.model
+        begin_step = getattr(self.hooks, "begin_step", None)  # optional: lets a PeerFailureError name the step
+        if begin_step is not None:
+            begin_step(self.step + 1)
         x, y = self.batches.next_batch(self.hooks.rank, self.hooks.world)
         x, y = x.to(self.device), y.to(self.device)
         lr = lr_at(self.step, tc)
@@ -315,7 +318,11 @@ class Trainer:
         self.hooks.update_router_biases(self.model)
         self.step += 1
         layers = layer_stats(self.model.routings()) if self.model.moe_layers() else []
-        return {"kind": "train", "step": self.step, "loss": loss_v, "ce": float(ce.detach()),
+        ce_v = float(ce.detach())
+        if self.hooks.world > 1:
+            # each rank saw 1/world of the global batch: log the global-batch means, not rank 0's share
+            loss_v, ce_v = self.hooks.mean(loss_v), self.hooks.mean(ce_v)
+        return {"kind": "train", "step": self.step, "loss": loss_v, "ce": ce_v,
                 "aux": float(aux.detach()), "lr": lr, "grad_norm": gnorm, "tokens": x.numel() * self.hooks.world,
                 "layers": layers}
 
