@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from moeflow.config import ConfigError, MoEConfig
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.models.attention import rope_cos_sin, rotate_half
-from moeflow.routing import Routing
 from moeflow.routing.deepseek import update_router_biases
+from moeflow.models.moe_outputs import MoEOutputs
 
 
 @dataclass(kw_only=True)
@@ -260,7 +260,7 @@ class DeepSeekBlock(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
 
-class DeepSeekV3(nn.Module):
+class DeepSeekV3(MoEOutputs, nn.Module):
     """Token ids [B, S] -> logits [B, S, V]; same outer names as MoETransformer (tok_embeddings, layers, norm, output)."""
 
     def __init__(self, cfg: DeepSeekConfig) -> None:
@@ -320,25 +320,6 @@ class DeepSeekV3(nn.Module):
         return MLACache(self.cfg.n_layers, batch_size, max_len, self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,
                         dtype or p.dtype, p.device)
 
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE FFNs, in layer order."""
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer)]
-
-    def aux_loss(self) -> Tensor:
-        """Sum of the MoE layers' scaled auxiliary losses from the last forward."""
-        total = torch.zeros((), device=self.tok_embeddings.weight.device)
-        for m in self.moe_layers():
-            total = total + m.aux_loss
-        return total
-
-    def routings(self) -> list[Routing]:
-        """The last forward's Routing record of each MoE layer."""
-        out = []
-        for i, m in enumerate(self.moe_layers()):
-            if m.last_routing is None:
-                raise RuntimeError(f"MoE layer {i} has no routing yet: call the model forward first")
-            out.append(m.last_routing)
-        return out
 
     def update_router_biases(self) -> int:
         """Aux-loss-free balancing step (call after optimizer.step()): each router nudges its bias from its

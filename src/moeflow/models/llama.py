@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.models.attention import Attention, KVCache, rope_cos_sin
 from moeflow.models.config import ModelConfig
-from moeflow.routing import Routing
+from moeflow.models.moe_outputs import MoEOutputs
 
 
 class Block(nn.Module):
@@ -52,7 +52,7 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h))  # MoELayer flattens [B, S, D] to [B*S, D] itself
 
 
-class MoETransformer(nn.Module):
+class MoETransformer(MoEOutputs, nn.Module):
     """Token ids [B, S] -> next-token logits [B, S, V]."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -136,22 +136,3 @@ class MoETransformer(nn.Module):
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.head_dim,
                        dtype or p.dtype, p.device)
 
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE FFNs, in layer order."""
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer)]
-
-    def aux_loss(self) -> Tensor:
-        """Sum of the MoE layers' coefficient-scaled auxiliary losses from the last forward (0 if dense)."""
-        total = torch.zeros((), device=self.tok_embeddings.weight.device)
-        for m in self.moe_layers():
-            total = total + m.aux_loss
-        return total
-
-    def routings(self) -> list[Routing]:
-        """The last forward's Routing record of each MoE layer, in layer order."""
-        out = []
-        for i, m in enumerate(self.moe_layers()):
-            if m.last_routing is None:
-                raise RuntimeError(f"MoE layer {i} has no routing yet: call the model forward first")
-            out.append(m.last_routing)
-        return out
