@@ -75,6 +75,8 @@ def test_vocab_round_trip_and_text_check() -> None:
     assert v.itos[ids[0]] == "<2rev>" and ids[-1] == v.eos and v.decode(ids) == "it's here"
     assert v.decode(v.target("abc") + v.target("zzz")) == "abc"
     assert check_text("  Hello   World ") == "hello world"
+    with pytest.raises(ValueError, match="not in this vocabulary"):
+        v.source("abc", "atb")  # the default vocabulary has tags for the four default languages only
     with pytest.raises(ValueError, match="outside the task charset"):
         check_text("x = 1")
 
@@ -128,6 +130,7 @@ def test_overrides_and_ablation_variants() -> None:
     cfg = apply_overrides(translate_preset("gshard"), ["steps=7", "model.moe.capacity_factor=2",
                                                        "languages=['cip','rev']"])
     assert cfg.steps == 7 and cfg.model.moe.capacity_factor == 2.0 and cfg.languages == ["cip", "rev"]
+    assert cfg.model.vocab_size == len(CharVocab(["cip", "rev"])) == 3 + 2 + len(CHARSET)
     with pytest.raises(ConfigError, match="unknown field"):
         apply_overrides(cfg, ["model.moe.capacity=2"])
     with pytest.raises(ConfigError, match="not a valid"):

@@ -153,7 +153,8 @@ def routing_markdown(stats: dict[str, LanguageRouting], shuffled: dict[str, Lang
         return "No MoE layers: nothing was routed.\n"
     base = shuffled is not None
     lines = ["| layer | I(lang; expert) bits | I / H(expert) |" + (" MI shuffled bits |" if base else "") +
-             " H(expert) bits | router entropy bits | dropped |", "|---|---|---|" + ("---|" if base else "") + "---|---|---|"]
+             " H(expert) bits | router entropy bits | dropped |",
+             "|---|---|---|" + ("---|" if base else "") + "---|---|---|"]
     for name, s in stats.items():
         null = f" {shuffled[name].mutual_information():.4f} |" if shuffled is not None else ""
         lines.append(f"| {name} | {s.mutual_information():.3f} | {s.normalized_mi():.3f} |{null} "

@@ -51,7 +51,12 @@ def run_translate(args: argparse.Namespace) -> int:
         codes = [c.strip() for c in args.to.split(",") if c.strip()]
         for code in codes:
             if code not in cfg.languages:
-                raise ValueError(f"language {code!r} was not trained in {args.run}; it knows {', '.join(cfg.languages)}")
+                raise ValueError(f"language {code!r} was not trained in {args.run}; "
+                                 f"it knows {', '.join(cfg.languages)}")
+        for text in args.text:
+            if len(check_text(text)) > cfg.max_chars:
+                print(f"note: {text!r} has {len(check_text(text))} characters, more than the {cfg.max_chars} of "
+                      "every training sentence; expect errors past that length", file=sys.stderr)
         for code in codes:
             outs = translate(model, vocab, args.text, code, beam_size=args.beam)
             for text, out in zip(args.text, outs):
@@ -112,6 +117,10 @@ def train_task(preset: str, overrides: list[str], out: Path, quiet: bool = False
         cfg = apply_overrides(translate_preset(preset), overrides)
     except (ConfigError, ValueError) as e:
         print(f"moeflow: bad translate config: {e}", file=sys.stderr)
+        return 2
+    if (out / "checkpoint.pt").exists():
+        print(f"moeflow: {out} already holds a translation run; pick another folder (--out/--name) or delete it",
+              file=sys.stderr)
         return 2
     summary = train_translate(cfg, out, log=(lambda _: None) if quiet else print)
     print(f"\n{'language':<10}{'exact':>8}{'CER':>9}")

@@ -183,8 +183,9 @@ class MoEFFN(nn.Module):
     Padding never enters the router, so it takes no expert capacity and cannot change real tokens' outputs. With
     local groups the N routed tokens are topped up with < G zero rows to a multiple of G; they come after every real
     first choice (slot-major order) but can still take second-choice slots in the last group, and their number
-    depends only on N, so padding still cannot matter. After a forward, `last_batch_ids_N` gives the batch row of each routed token
-    (for per-language statistics) and `moe.last_routing` the Routing record (rows >= N are the top-up rows).
+    depends only on N, so padding still cannot matter. After a forward, `last_batch_ids_N` gives the batch row of
+    each routed token (for per-language statistics) and `moe.last_routing` the Routing record (rows >= N are the
+    top-up rows).
     """
 
     def __init__(self, cfg: MoEConfig, eval_capacity_factor: float | None) -> None:

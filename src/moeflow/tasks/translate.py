@@ -30,12 +30,16 @@ from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, get_language
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
 
-class CharVocab:
-    """Token ids: pad, bos, eos, one `<2xx>` tag per known language, then the characters of CHARSET."""
+DEFAULT_LANGUAGES = ("cip", "vow", "rev", "wrv")
 
-    def __init__(self) -> None:
-        """The vocabulary is fixed (every language's tag), so any language subset shares one model size."""
-        self.itos = list(SPECIALS) + [lang.tag for lang in LANGUAGES.values()] + list(CHARSET)
+
+class CharVocab:
+    """Token ids: pad, bos, eos, one `<2xx>` tag per language of the run (in its order), then CHARSET."""
+
+    def __init__(self, languages: list[str] | tuple[str, ...] = DEFAULT_LANGUAGES) -> None:
+        """Tags only for the run's languages, so a checkpoint stays loadable when new languages are added."""
+        self.languages = [lang.code for lang in get_languages(list(languages))]
+        self.itos = list(SPECIALS) + [LANGUAGES[c].tag for c in self.languages] + list(CHARSET)
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.pad, self.bos, self.eos = 0, 1, 2
 
@@ -45,6 +49,8 @@ class CharVocab:
 
     def source(self, text: str, lang: str) -> list[int]:
         """`<2lang>` + characters + eos."""
+        if lang not in self.languages:
+            raise ValueError(f"language {lang!r} is not in this vocabulary ({', '.join(self.languages)})")
         return [self.stoi[LANGUAGES[lang].tag]] + [self.stoi[c] for c in text] + [self.eos]
 
     def target(self, text: str) -> list[int]:
@@ -68,7 +74,7 @@ class TranslateConfig:
     """One translation run: the model, the task, and the optimisation (AdamW, warmup, cosine decay)."""
 
     model: Seq2SeqConfig
-    languages: list[str] = field(default_factory=lambda: ["cip", "vow", "rev", "wrv"])
+    languages: list[str] = field(default_factory=lambda: list(DEFAULT_LANGUAGES))
     max_chars: int = 32  # longest English segment
     heldout_percent: int = 10
     steps: int = 1500
@@ -99,9 +105,10 @@ class TranslateConfig:
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0 and self.grad_clip >= 0):
             raise ConfigError(f"TranslateConfig needs lr > 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0, grad_clip"
                               f" >= 0; got {self.lr}, {self.min_lr_ratio}, {self.weight_decay}, {self.grad_clip}")
-        if self.model.vocab_size != len(CharVocab()):
+        if self.model.vocab_size != len(CharVocab(self.languages)):
             raise ConfigError(f"model.vocab_size={self.model.vocab_size} must equal the task vocabulary "
-                              f"({len(CharVocab())}); build configs with translate_preset()")
+                              f"({len(CharVocab(self.languages))} for {len(self.languages)} languages); build "
+                              "configs with translate_preset() and apply_overrides()")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able nested dict."""
@@ -122,7 +129,7 @@ class TranslateConfig:
 
 def _model(moe: MoEConfig | None, *, d_model: int = 128, moe_every: int = 2, layers: int = 2,
            ffn_hidden: int = 256) -> Seq2SeqConfig:
-    return Seq2SeqConfig(vocab_size=len(CharVocab()), d_model=d_model, n_heads=4, n_enc_layers=layers,
+    return Seq2SeqConfig(vocab_size=len(CharVocab(DEFAULT_LANGUAGES)), d_model=d_model, n_heads=4, n_enc_layers=layers,
                          n_dec_layers=layers, ffn_hidden=ffn_hidden, moe=moe, moe_every=moe_every)
 
 
@@ -164,6 +171,7 @@ def apply_overrides(cfg: TranslateConfig, items: list[str]) -> TranslateConfig:
     """Apply `key=value` overrides (`steps=300`, `model.moe.capacity_factor=2.0`, `model.moe=None`).
 
     Values are Python literals (bare words are taken as strings), type-checked against the field's annotation.
+    Changing `languages` also sets model.vocab_size (one tag per language) unless that is overridden too.
     """
     d = cfg.to_dict()
     for item in items:
@@ -191,6 +199,8 @@ def apply_overrides(cfg: TranslateConfig, items: list[str]) -> TranslateConfig:
         if isinstance(value, int) and not isinstance(value, bool) and _accepts(hints[leaf], 0.5):
             value = float(value)  # `lr=1` means 1.0
         node[leaf] = list(value) if isinstance(value, tuple) else value
+    if d["languages"] != cfg.languages and not any(i.startswith("model.vocab_size=") for i in items):
+        d["model"]["vocab_size"] = len(CharVocab(d["languages"]))  # derived: one tag per language
     try:
         return TranslateConfig.from_dict(d)
     except TypeError as e:
@@ -242,7 +252,7 @@ class TranslateData:
     def __init__(self, languages: list[str], max_chars: int = 32, heldout_percent: int = 10,
                  text: str | None = None) -> None:
         """Segment `text` (default: pydoc topics), split it, and tokenise both sides for every language."""
-        self.vocab = CharVocab()
+        self.vocab = CharVocab(languages)
         self.languages = get_languages(languages)
         self.codes = [lang.code for lang in self.languages]
         sentences = segment_sentences(pydoc_text() if text is None else text, max_chars=max_chars)

@@ -94,7 +94,7 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
     cfg = TranslateConfig.from_dict(ckpt["config"])
     model = Seq2SeqTransformer(cfg.model)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, CharVocab()
+    return model.eval(), cfg, CharVocab(cfg.languages)
 
 
 def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: TranslateData | None = None,
@@ -115,6 +115,7 @@ def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: Translat
 
 def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log: Callable[[str], None],
            figures: bool) -> dict[str, Any]:
+    """The body of train_translate (which owns the thread count)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     data = data or load_data(tuple(cfg.languages), cfg.max_chars, cfg.heldout_percent)
@@ -145,7 +146,8 @@ def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log:
             ce, aux = model.loss(src, tin, tout)
             loss = ce + aux
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step} (ce {float(ce)}, aux {float(aux)}); "
+                raise FloatingPointError(f"non-finite loss at step {step} (ce {ce.detach().item()}, aux "
+                                         f"{aux.detach().item()}); "
                                          f"lower lr (now {cfg.lr}) or raise warmup")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -164,14 +166,15 @@ def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log:
                 rate = win_tokens / max(win_time, 1e-9)
                 window_rates.append(rate)
                 ce_v, aux_v = ce.detach().item(), aux.detach().item()
-                record({"step": step, "loss": ce_v + aux_v, "ce": ce_v, "aux": aux_v, "lr": lr,
+                record({"kind": "train", "step": step, "loss": ce_v + aux_v, "ce": ce_v, "aux": aux_v, "lr": lr,
                         "tokens_per_s": rate, "dropped": drops[-1], "train_s": train_s,
                         "cpu_s": cpu_s})
                 log(f"step {step:>5}/{cfg.steps}  ce {ce_v:.4f}  aux {aux_v:.4f}  lr {lr:.2e}  "
                     f"{rate:,.0f} tok/s  dropped {drops[-1]:.3f}  {train_s:.0f}s ({cpu_s:.0f} CPU s)")
                 win_tokens = win_time = 0.0
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or out_of_time:
-                last_eval = {"step": step, "heldout_ce": heldout_loss(model, data, cfg.eval_sentences),
+                last_eval = {"kind": "eval", "step": step,
+                             "heldout_ce": heldout_loss(model, data, cfg.eval_sentences),
                              "eval": evaluate(model, data, cfg.eval_sentences)}
                 record(last_eval)
                 log(f"eval @ {step}: held-out ce {last_eval['heldout_ce']:.4f}  " + "  ".join(
@@ -225,7 +228,8 @@ def write_report(run_dir: Path, cfg: TranslateConfig, summary: dict[str, Any],
              f"{m.ffn_hidden}; {arch}",
              f"- parameters: {summary['params']:,} total, {summary['active_params']:,} active per token",
              f"- training: {summary['steps']} of {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-             f"{summary['train_s']:.0f} s wall / {summary['train_cpu_s']:.0f} CPU s ({cfg.threads or 'default'} threads), "
+             f"{summary['train_s']:.0f} s wall / {summary['train_cpu_s']:.0f} CPU s "
+             f"({cfg.threads or 'default'} threads), "
              f"{summary['tokens_per_s']:,.0f} tokens/s, mean dropped fraction "
              f"{summary['train_dropped_fraction']:.3f}",
              f"- held-out cross-entropy {summary['heldout_ce']:.4f} (teacher-forced, inference routing)", "",
