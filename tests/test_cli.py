@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from moeflow.cli import main
 
@@ -20,13 +19,6 @@ TINY = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "mode
         "--set", "train.warmup=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """One intra-op thread (tiny shapes; a shared CPU makes OpenMP barriers spin)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

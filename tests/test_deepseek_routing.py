@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hf_common import one_thread  # noqa: F401 (autouse: tiny shapes run fastest on one thread)
 
 from moeflow import MoEConfig, MoELayer
 from moeflow.config import ConfigError

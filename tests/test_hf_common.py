@@ -8,7 +8,6 @@ expert capacity small enough that tokens are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +99,6 @@ def token_batch(arch: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | 
     return ids, dec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny shapes gain nothing from intra-op threads, and on a loaded machine every parallel op waits for a
-    descheduled worker (measured: a tiny Switch forward takes 0.4 s with 2 threads, 0.02 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf_common import ARCHS, hf_dirs, one_thread, hf_logits, ours_logits, save_hf_model, token_batch  # noqa: F401
+from test_hf_common import ARCHS, hf_dirs, hf_logits, ours_logits, save_hf_model, token_batch  # noqa: F401
 
 import moeflow
 from moeflow.config import ConfigError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hf_common import ARCHS, hf_model, one_thread, token_batch  # noqa: F401
+from test_hf_common import ARCHS, hf_model, token_batch  # noqa: F401
 
 import moeflow
 from moeflow.interop.patch import PatchedMoE

@@ -12,13 +12,6 @@ from moeflow.models.seq2seq_decode import beam_search, greedy_decode
 V = 23
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a second thread only adds synchronisation (and the CPU is shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(router: str = "gshard", cf: float | None = 1.0, groups: int = 1, moe_every: int = 1, tie: bool = True,

@@ -32,13 +32,6 @@ def tiny_overrides(data: Path, **extra: object) -> dict[str, object]:
     return o
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """One intra-op thread: tiny shapes gain nothing from two, and a shared CPU makes OpenMP barriers spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

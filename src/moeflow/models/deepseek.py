@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.config import ConfigError, MoEConfig
-from moeflow.layers import FFN, MoELayer, RMSNorm
+from moeflow.layers import RMSNorm
 from moeflow.models.attention import rope_cos_sin, rotate_half
 from moeflow.routing.deepseek import update_router_biases
 from moeflow.models.moe_outputs import MoEOutputs
+from moeflow.models.llama import Block
 
 
 @dataclass(kw_only=True)
@@ -241,23 +242,9 @@ class MLAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, s, h * v))
 
 
-class DeepSeekBlock(nn.Module):
-    """Pre-norm block: h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h))."""
-
-    def __init__(self, cfg: DeepSeekConfig, layer_id: int) -> None:
-        """Norms, MLA, and a dense FFN or an MoE layer."""
-        super().__init__()
-        self.layer_id = layer_id
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = MLAttention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn: MoELayer | FFN = (MoELayer(cfg.moe) if cfg.is_moe_layer(layer_id) and cfg.moe is not None
-                                    else FFN(cfg.d_model, cfg.ffn_hidden, "swiglu"))
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: MLACache | None) -> Tensor:
-        """[B, S, D] -> [B, S, D]."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer_id)
-        return h + self.ffn(self.ffn_norm(h))
+def DeepSeekBlock(cfg: DeepSeekConfig, layer_id: int) -> Block:
+    """The shared pre-norm block with multi-head latent attention and SwiGLU dense FFNs."""
+    return Block(cfg, layer_id, attention=MLAttention(cfg), dense_activation="swiglu")  # type: ignore[arg-type]
 
 
 class DeepSeekV3(MoEOutputs, nn.Module):

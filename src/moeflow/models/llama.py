@@ -36,18 +36,21 @@ from moeflow.models.moe_outputs import MoEOutputs
 class Block(nn.Module):
     """One pre-norm transformer block; `ffn` is an MoELayer or a dense FFN."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
-        """Norms, attention and the FFN chosen by cfg.is_moe_layer(layer_id)."""
+    def __init__(self, cfg: ModelConfig, layer_id: int, attention: nn.Module | None = None,
+                 dense_activation: str | None = None) -> None:
+        """Norms, attention (GQA unless another module is given, e.g. DeepSeek's MLA) and the FFN chosen by
+        cfg.is_moe_layer(layer_id)."""
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg) if attention is None else attention
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        act = dense_activation or cfg.dense_activation
         self.ffn: MoELayer | FFN = (MoELayer(cfg.moe) if cfg.is_moe_layer(layer_id) and cfg.moe is not None
-                                    else FFN(cfg.d_model, cfg.ffn_hidden, cfg.dense_activation))
+                                    else FFN(cfg.d_model, cfg.ffn_hidden, act))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
-        """[B, S, D] -> [B, S, D]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: object | None) -> Tensor:
+        """[B, S, D] -> [B, S, D] (cache: a KVCache, or the attention module's own cache type)."""
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer_id)
         return h + self.ffn(self.ffn_norm(h))  # MoELayer flattens [B, S, D] to [B*S, D] itself
 
