@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moeflow.ops.threads import parallel_items
+
 GATED = ("swiglu", "geglu")
 _GATE_ACT = {"swiglu": "silu", "geglu": "gelu"}
 _aten = torch.ops.aten
@@ -34,13 +36,18 @@ _ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Ten
 _CHUNK_ELEMS = 1 << 22
 
 
-def _chunks(splits: list[int], rows: int) -> Iterator[tuple[int, int, int, bool]]:
-    """(expert, start, stop, is the expert's first chunk) for each chunk of at most `rows` rows of each block."""
-    start = 0
+def _blocks(splits: list[int], rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(expert, [(start, stop) of each chunk of at most `rows` rows]) for every expert that has rows."""
+    out, start = [], 0
     for e, n in enumerate(splits):
-        for lo in range(start, start + n, rows):
-            yield e, lo, min(lo + rows, start + n), lo == start
+        if n:
+            out.append((e, [(lo, min(lo + rows, start + n)) for lo in range(start, start + n, rows)]))
         start += n
+    return out
+
+
+# Below this many multiply-adds per layer call the pool's hand-off costs more than it saves.
+_POOL_MIN_MACS = 1 << 22
 
 
 def _act_forward(h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
@@ -63,6 +70,12 @@ def _act_backward(h: Tensor, act_gate: Tensor | None, grad_a: Tensor, activation
     torch.mul(grad_a, up, out=grad_gate)  # d loss / d act(gate), then through act's derivative in place
     _ACTS[_GATE_ACT[activation]][1](grad_gate, gate, grad_gate)
     return grad_h
+
+
+def _costs(blocks: list[tuple[int, list[tuple[int, int]]]], w_in_EFD: Tensor) -> list[int]:
+    """Multiply-adds of each block's forward (rows x F x D; the output projection is proportional)."""
+    per_row = w_in_EFD.shape[1] * w_in_EFD.shape[2]
+    return [(spans[-1][1] - spans[0][0]) * per_row for _, spans in blocks]
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
@@ -130,14 +143,21 @@ class _GroupedMLP(torch.autograd.Function):
         """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T; `keep`: save h for a backward."""
         rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
         y_RD = x_RD.new_empty(x_RD.shape[0], w_out_EDH.shape[1])
-        h_chunks = []
-        for e, lo, hi, _ in _chunks(splits, rows):
-            h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
-            a, _ = _act_forward(h, activation)
-            torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
-            if keep:
-                h_chunks.append(h)
-        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, *h_chunks)
+        blocks = _blocks(splits, rows)
+        h_blocks: list[list[Tensor]] = [[] for _ in blocks]
+
+        def expert(i: int) -> None:
+            """Expert blocks[i]'s FFN, chunk by chunk, into its rows of y."""
+            e, spans = blocks[i]
+            for lo, hi in spans:
+                h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
+                a, _ = _act_forward(h, activation)
+                torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
+                if keep:
+                    h_blocks[i].append(h)
+
+        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS)
+        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, *(h for hs in h_blocks for h in hs))
         ctx.splits, ctx.activation, ctx.rows = splits, activation, rows
         ctx.grad_buffers = grad_buffers if grad_buffers is not None else GradBuffers()
         return y_RD
@@ -153,17 +173,27 @@ class _GroupedMLP(torch.autograd.Function):
         # uninitialised: each expert's first chunk overwrites its block; experts without rows are zeroed below
         gw_in = ctx.grad_buffers.empty_like("w_in", w_in_EFD) if need_w_in else None
         gw_out = ctx.grad_buffers.empty_like("w_out", w_out_EDH) if need_w_out else None
-        for (e, lo, hi, first), h in zip(_chunks(ctx.splits, ctx.rows), h_chunks):
-            g, x = g_RD[lo:hi], x_RD[lo:hi]
-            a, act_gate = _act_forward(h, ctx.activation)
-            grad_a = torch.mm(g, w_out_EDH[e])
-            if gw_out is not None:
-                _mm_into(gw_out[e], g.t(), a, not first)
-            grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
-            if gw_in is not None:
-                _mm_into(gw_in[e], grad_h.t(), x, not first)
-            if gx_RD is not None:
-                torch.mm(grad_h, w_in_EFD[e], out=gx_RD[lo:hi])
+        blocks = _blocks(ctx.splits, ctx.rows)
+        first_chunk = [0]
+        for _, spans in blocks:
+            first_chunk.append(first_chunk[-1] + len(spans))
+
+        def expert(i: int) -> None:
+            """Expert blocks[i]'s gradients; its weight gradients summed over its chunks."""
+            e, spans = blocks[i]
+            for j, (lo, hi) in enumerate(spans):
+                g, x, h = g_RD[lo:hi], x_RD[lo:hi], h_chunks[first_chunk[i] + j]
+                a, act_gate = _act_forward(h, ctx.activation)
+                grad_a = torch.mm(g, w_out_EDH[e])
+                if gw_out is not None:
+                    _mm_into(gw_out[e], g.t(), a, j > 0)
+                grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
+                if gw_in is not None:
+                    _mm_into(gw_in[e], grad_h.t(), x, j > 0)
+                if gx_RD is not None:
+                    torch.mm(grad_h, w_in_EFD[e], out=gx_RD[lo:hi])
+
+        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS)
         for e, n in enumerate(ctx.splits):
             if n == 0:
                 for gw in (gw_in, gw_out):
