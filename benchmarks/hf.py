@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,6 +57,39 @@ def _step(block: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, y.detach().float()
 
 
+def _gemm_floor(tokens: int, d: int, h: int, e: int, k: int, device: str, dtype: torch.dtype) -> Callable[[], float]:
+    """A timer for only the expert GEMMs of one fwd+bwd (tokens*k/e rows per expert, no routing, no activation).
+
+    Every correct implementation must run these six matmuls per expert, so 1 / this time bounds any speed-up.
+    """
+    rows = tokens * k // e
+    gen = torch.Generator().manual_seed(2)
+    x, g = (torch.randn(rows, d, generator=gen).to(device, dtype) for _ in range(2))
+    a, grad_h = torch.randn(rows, h, generator=gen).to(device, dtype), torch.randn(rows, 2 * h, generator=gen).to(
+        device, dtype)
+    w_in, w_out = torch.randn(2 * h, d).to(device, dtype), torch.randn(d, h).to(device, dtype)
+    h_in, y, grad_a = torch.empty(rows, 2 * h).to(device, dtype), torch.empty_like(x), torch.empty_like(a)
+    gw_in, gw_out, gx = torch.empty_like(w_in), torch.empty_like(w_out), torch.empty_like(x)
+
+    def step() -> float:
+        """Seconds for e experts' six GEMMs."""
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(e):
+            torch.mm(x, w_in.t(), out=h_in)  # forward: input projection (gate and up)
+            torch.mm(a, w_out.t(), out=y)  # forward: output projection
+            torch.mm(g, w_out, out=grad_a)  # backward: d activation
+            torch.mm(g.t(), a, out=gw_out)  # backward: d w_out
+            torch.mm(grad_h.t(), x, out=gw_in)  # backward: d w_in
+            torch.mm(grad_h, w_in, out=gx)  # backward: d x
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return step
+
+
 def bench_moe(args: argparse.Namespace) -> None:
     """Print the timing table."""
     import moeflow
@@ -79,10 +113,15 @@ def bench_moe(args: argparse.Namespace) -> None:
     variants["moeflow patch_hf"] = moeflow.patch_hf(holder)["moe"]
     x = torch.randn(1, args.tokens, args.d_model, generator=torch.Generator().manual_seed(1))
     x = x.to(args.device, dtype).requires_grad_(True)
+    floor = _gemm_floor(args.tokens, args.d_model, args.d_hidden, args.experts, args.top_k, args.device, dtype)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    floor_times: list[float] = []
     outputs: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
     for rep in range(args.reps + 1):  # rep 0 is warm-up
+        dt = floor()
+        if rep:
+            floor_times.append(dt)
         for name, block in variants.items():
             if name in errors:
                 continue
@@ -100,14 +139,21 @@ def bench_moe(args: argparse.Namespace) -> None:
     where = (torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads")
     print(f"MixtralSparseMoeBlock fwd+bwd, T={args.tokens} D={args.d_model} H={args.d_hidden} E={args.experts} "
           f"k={args.top_k}, {args.dtype}, {where}, torch {torch.__version__}, median of {args.reps}")
-    print(f"{'implementation':<26}{'median ms':>11}{'min ms':>9}{'speedup vs best HF':>20}{'max|y-eager|':>14}")
+    floor_med = statistics.median(floor_times)
+    print(f"{'implementation':<26}{'median ms':>11}{'min ms':>9}{'speedup vs best HF':>20}{'max|y-eager|':>14}"
+          f"{'GEMM floor / time':>19}")
     for name in variants:
         if name in errors:
             print(f"{name:<26}{'failed':>11}   {errors[name]}")
             continue
         med = statistics.median(times[name])
         diff = (outputs[name] - ref).abs().max().item()
-        print(f"{name:<26}{med * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}{best / med:>19.2f}x{diff:>14.1e}")
+        print(f"{name:<26}{med * 1e3:>11.1f}{min(times[name]) * 1e3:>9.1f}{best / med:>19.2f}x{diff:>14.1e}"
+              f"{floor_med / med:>18.0%}")
+    print(f"{'expert GEMMs only (floor)':<26}{floor_med * 1e3:>11.1f}{min(floor_times) * 1e3:>9.1f}"
+          f"{best / floor_med:>19.2f}x{'-':>14}{'100%':>18}")
+    print(f"(the floor row runs only the six matmuls per expert that any implementation needs, on T*k/E rows each: "
+          f"no implementation can beat the best transformers option by more than {best / floor_med:.2f}x here)")
 
 
 # ------------------------------------------------------------------------------------------------ peak memory
