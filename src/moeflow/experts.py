@@ -56,17 +56,19 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.d_hidden))
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None) -> Tensor:
-        """Run expert e on its block of rows: [R, D] -> [R, D]."""
+    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None,
+                weights_R: Tensor | None = None) -> Tensor:
+        """Run expert e on its block of rows: [R, D] -> [R, D], each output row scaled by weights_R if given."""
         impl = resolve_impl(x_RD, self.w_in, self.impl)
         if splits is None:
             splits = counts_E.tolist()
         if impl == "loop":
             # fused and chunked: no [R, H] / [R, F] temporaries besides the saved pre-activation (see grouped_mlp)
-            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, self.grad_buffers)
+            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, self.grad_buffers, weights_R)
         h_RF = grouped_linear(x_RD, self.w_in, counts_E, splits, impl)
         a_RH = activate(h_RF, self.activation)
-        return grouped_linear(a_RH, self.w_out, counts_E, splits, impl)
+        y_RD = grouped_linear(a_RH, self.w_out, counts_E, splits, impl)
+        return y_RD if weights_R is None else y_RD * weights_R.to(y_RD.dtype).unsqueeze(1)
 
     def extra_repr(self) -> str:
         """Sizes for print(model)."""

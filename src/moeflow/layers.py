@@ -85,8 +85,9 @@ class MoELayer(nn.Module):
         # Compiled graphs skip it (it would be one more graph break); the trainer's finite-loss check remains.
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(routing.logits_TE).all()):
             self._raise_non_finite(x_TD, routing)
-        y_RD = self.experts(x_RD, plan.counts_E, plan.splits)
-        y_TD = self.dispatcher.combine(y_RD, plan)
+        w_R = self.dispatcher.row_weights(plan)  # applied inside the expert kernel where the dispatcher allows
+        y_RD = self.experts(x_RD, plan.counts_E, plan.splits, w_R)
+        y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:

@@ -104,14 +104,15 @@ class PatchedMoE(nn.Module):
         act = _plain_activation(self.experts.act_fn)
         return {"silu": "swiglu", "gelu": "geglu"}.get(act or "")
 
-    def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor) -> Tensor:
-        """Every expert on its block of rows: on CPU the fused, chunked grouped MLP; where torch._grouped_mm runs,
-        or for an activation that is not a plain silu/gelu/relu, two grouped matmuls around HF's activation."""
+    def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor, weights_R: Tensor | None = None) -> Tensor:
+        """Every expert on its block of rows, each output row scaled by weights_R if given: on CPU the fused, chunked
+        grouped MLP; where torch._grouped_mm runs, or for an activation that is not a plain silu/gelu/relu, two
+        grouped matmuls around HF's activation."""
         w_in, w_out = self.expert_weights()
         impl = resolve_impl(x_RD, w_in, "auto")  # torch._grouped_mm where it runs (CUDA bf16), else the loop
         act = self.fused_activation()
         if act is not None and impl == "loop":
-            return grouped_mlp(x_RD, w_in, w_out, splits, act, grad_buffers=self.grad_buffers)
+            return grouped_mlp(x_RD, w_in, w_out, splits, act, grad_buffers=self.grad_buffers, row_weights=weights_R)
         h_RF = grouped_linear(x_RD, w_in, counts_E, splits, impl)
         if self.arch == "switch_transformers":
             e0 = self.experts["expert_0"]
@@ -119,7 +120,8 @@ class PatchedMoE(nn.Module):
         else:
             gate, up = h_RF.chunk(2, dim=-1)
             a_RH = self.experts.act_fn(gate) * up
-        return grouped_linear(a_RH.to(w_out.dtype), w_out, counts_E, splits, impl)
+        y_RD = grouped_linear(a_RH.to(w_out.dtype), w_out, counts_E, splits, impl)
+        return y_RD if weights_R is None else y_RD * weights_R.to(y_RD.dtype).unsqueeze(1)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """[B, S, D] -> [B, S, D], what the HF block returns."""
@@ -129,8 +131,9 @@ class PatchedMoE(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.route(x)
         x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        y_RD = self.run_experts(x_RD, plan.splits, plan.counts_E)
-        y_TD = self.dispatcher.combine(y_RD, plan).to(x.dtype)
+        w_R = self.dispatcher.row_weights(plan)
+        y_RD = self.run_experts(x_RD, plan.splits, plan.counts_E, w_R)
+        y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None).to(x.dtype)
         if self.arch == "qwen2_moe":
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         elif self.arch == "deepseek_v3":

@@ -139,8 +139,9 @@ class _GroupedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
-                splits: list[int], activation: str, keep: bool, grad_buffers: GradBuffers | None) -> Tensor:
-        """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T; `keep`: save h for a backward."""
+                w_R: Tensor | None, splits: list[int], activation: str, keep: bool,
+                grad_buffers: GradBuffers | None) -> Tensor:
+        """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T (times w per row if given); `keep`: save h."""
         rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
         y_RD = x_RD.new_empty(x_RD.shape[0], w_out_EDH.shape[1])
         blocks = _blocks(splits, rows)
@@ -153,11 +154,15 @@ class _GroupedMLP(torch.autograd.Function):
                 h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
                 a, _ = _act_forward(h, activation)
                 torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
+                if w_R is not None:
+                    y_RD[lo:hi].mul_(w_R[lo:hi, None])
                 if keep:
                     h_blocks[i].append(h)
 
         parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS)
-        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, *(h for hs in h_blocks for h in hs))
+        ctx.weighted = w_R is not None
+        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, w_R if ctx.weighted else x_RD.new_empty(0),
+                              *(h for hs in h_blocks for h in hs))
         ctx.splits, ctx.activation, ctx.rows = splits, activation, rows
         ctx.grad_buffers = grad_buffers if grad_buffers is not None else GradBuffers()
         return y_RD
@@ -165,14 +170,16 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_RD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        """Per chunk: recompute act(h), then the gradients of w_out, h, w_in and x in turn."""
-        x_RD, w_in_EFD, w_out_EDH, *h_chunks = ctx.saved_tensors
-        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        """Per chunk: recompute act(h), then the gradients of the row weights, w_out, h, w_in and x in turn."""
+        x_RD, w_in_EFD, w_out_EDH, w_R, *h_chunks = ctx.saved_tensors
+        w_R = w_R if ctx.weighted else None
+        need_x, need_w_in, need_w_out, need_w = ctx.needs_input_grad[:4]
         g_RD = g_RD.contiguous()
         gx_RD = torch.empty_like(x_RD) if need_x else None
         # uninitialised: each expert's first chunk overwrites its block; experts without rows are zeroed below
         gw_in = ctx.grad_buffers.empty_like("w_in", w_in_EFD) if need_w_in else None
         gw_out = ctx.grad_buffers.empty_like("w_out", w_out_EDH) if need_w_out else None
+        gw_R = torch.empty_like(w_R) if w_R is not None and need_w else None
         blocks = _blocks(ctx.splits, ctx.rows)
         first_chunk = [0]
         for _, spans in blocks:
@@ -185,6 +192,12 @@ class _GroupedMLP(torch.autograd.Function):
                 g, x, h = g_RD[lo:hi], x_RD[lo:hi], h_chunks[first_chunk[i] + j]
                 a, act_gate = _act_forward(h, ctx.activation)
                 grad_a = torch.mm(g, w_out_EDH[e])
+                if w_R is not None:  # y_r = w_r * u_r with u_r = a_r @ w_out^T: d/dw_r = <g_r, u_r> = <g_r w_out, a_r>
+                    w = w_R[lo:hi, None]
+                    if gw_R is not None:
+                        torch.sum(grad_a * a, 1, out=gw_R[lo:hi])
+                    grad_a.mul_(w)
+                    a.mul_(w)  # `a` is a fresh tensor the activation's backward does not read
                 if gw_out is not None:
                     _mm_into(gw_out[e], g.t(), a, j > 0)
                 grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
@@ -199,11 +212,11 @@ class _GroupedMLP(torch.autograd.Function):
                 for gw in (gw_in, gw_out):
                     if gw is not None:
                         gw[e].zero_()
-        return gx_RD, gw_in, gw_out, None, None, None, None
+        return gx_RD, gw_in, gw_out, gw_R, None, None, None, None
 
 
 def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
-                grad_buffers: GradBuffers | None = None) -> Tensor:
+                grad_buffers: GradBuffers | None = None, row_weights: Tensor | None = None) -> Tensor:
     """Expert e's FFN on its block of rows, fused and chunked, with a hand-written backward: [R, D] -> [R, D].
 
     Args:
@@ -212,6 +225,8 @@ def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[
         splits: rows per expert, as Python ints.
         activation: "swiglu" | "geglu" | "relu" | "gelu" | "silu".
         grad_buffers: the owning module's GradBuffers, to reuse the weight-gradient memory across steps.
+        row_weights: [R] combine weights to scale each output row by (differentiable). Applying them here, on
+            cache-hot chunks spread over the expert workers, saves the combine a pass over [R, D] each way.
     """
     gated = activation in GATED
     if activation not in _ACTS and not gated:
@@ -223,11 +238,16 @@ def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[
     if len(splits) != w_in_EFD.shape[0] or sum(splits) != x_RD.shape[0]:
         raise ValueError(f"grouped_mlp: splits {splits} must have one entry per expert ({w_in_EFD.shape[0]}) and "
                          f"sum to the number of rows ({x_RD.shape[0]})")
+    if row_weights is not None and row_weights.shape != (x_RD.shape[0],):
+        raise ValueError(f"grouped_mlp: row_weights must be [R={x_RD.shape[0]}], got {tuple(row_weights.shape)}")
     if torch.is_autocast_enabled(x_RD.device.type):
         # custom Functions and out= GEMMs are not autocast-aware: cast once here, then run plainly
         dtype = torch.get_autocast_dtype(x_RD.device.type)
         with torch.autocast(x_RD.device.type, enabled=False):
             return grouped_mlp(x_RD.to(dtype), w_in_EFD.to(dtype), w_out_EDH.to(dtype), splits, activation,
-                               grad_buffers)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x_RD, w_in_EFD, w_out_EDH))
-    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, splits, activation, keep, grad_buffers)
+                               grad_buffers, None if row_weights is None else row_weights.to(dtype))
+    if row_weights is not None:
+        row_weights = row_weights.to(x_RD.dtype).contiguous()
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x_RD, w_in_EFD, w_out_EDH, row_weights))
+    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, row_weights, splits, activation, keep, grad_buffers)

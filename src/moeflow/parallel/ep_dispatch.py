@@ -191,8 +191,14 @@ class AllToAllDispatcher:
                               weights_R=w_R, token_U=token_U)
         return x_recv_U.index_select(0, gather_R.index_select(0, order_R)), plan
 
-    def combine(self, y_RD: Tensor, plan: EPDispatchPlan) -> Tensor:
+    def row_weights(self, plan: EPDispatchPlan) -> None:
+        """None: the combine weights are applied on each token's own rank (see `combine`), not by the experts."""
+        return None
+
+    def combine(self, y_RD: Tensor, plan: EPDispatchPlan, weighted: bool = False) -> Tensor:
         """Send expert outputs back to their tokens' ranks and combine there: [T, D]."""
+        if weighted:
+            raise ValueError(f"{self.name}: rows must come unweighted (row_weights() is None for expert parallelism)")
         p, n_local, d = self.dims.ep, len(self.local), y_RD.shape[1]
         group, dims = self.dims.ep_group, self.dims
         if plan.mode == "padded":
