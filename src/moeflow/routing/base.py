@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from moeflow.config import MoEConfig
 from moeflow.ops.capacity import capacity_keep
 from moeflow.ops.losses import entropy, switch_balance_loss, z_loss
+from moeflow.ops.threads import uniform_like
 
 
 @dataclass
@@ -121,8 +122,7 @@ class Router(nn.Module):
         """The router's input: x, with Switch's multiplicative jitter in training."""
         eps = self.cfg.jitter_eps or 0.0
         if self.training and eps > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-            return x_TD * noise
+            return x_TD * uniform_like(x_TD, 1.0 - eps, 1.0 + eps)
         return x_TD
 
     def logits(self, x_TD: Tensor) -> Tensor:

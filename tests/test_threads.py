@@ -1,0 +1,196 @@
+"""The per-expert worker pool and the parallel RNG: same results as one thread, caller's modes, errors, fork.
+
+The autouse `one_thread` fixture sets one intra-op thread, which makes every kernel run inline; tests here that
+mean to exercise the pool set two threads themselves (and lower the work threshold where a kernel has one).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+
+import pytest
+import torch
+
+import moeflow.ops.grouped_mlp as grouped_mlp_mod
+from moeflow.experts import activate
+from moeflow.ops.grouped_mlp import grouped_mlp
+from moeflow.ops.threads import parallel_items, uniform_like
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Two intra-op threads and no minimum work, so the pool is used even for tiny tensors."""
+    monkeypatch.setattr(grouped_mlp_mod, "_POOL_MIN_MACS", 0)
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
+def test_every_item_runs_once_on_single_threaded_workers(two_threads) -> None:
+    """Items with positive cost run exactly once, off the calling thread, each with one ATen thread; the caller
+    keeps its own thread count."""
+    seen: list[tuple[int, str, int]] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with lock:
+            seen.append((i, threading.current_thread().name, torch.get_num_threads()))
+
+    parallel_items(work, [3, 0, 5, 1, 2, 0])
+    assert sorted(i for i, _, _ in seen) == [0, 2, 3, 4]
+    assert all(name.startswith("moeflow-expert") and n == 1 for _, name, n in seen)
+    assert torch.get_num_threads() == 2
+    # a thread started now still gets the process default, not the workers' 1
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert got == [2]
+
+
+def test_inline_when_one_thread_largest_first() -> None:
+    """With one thread the items run on the caller, largest cost first."""
+    order: list[int] = []
+    parallel_items(lambda i: order.append(i), [1, 7, 0, 3])
+    assert order == [1, 3, 0]
+
+
+def test_worker_errors_reach_the_caller(two_threads) -> None:
+    """An exception in an item is raised by parallel_items, after the other items ran."""
+    done: list[int] = []
+
+    def work(i: int) -> None:
+        if i == 1:
+            raise RuntimeError("expert 1 failed")
+        done.append(i)
+
+    with pytest.raises(RuntimeError, match="expert 1 failed"):
+        parallel_items(work, [1, 1, 1, 1])
+    assert sorted(done) == [0, 2, 3]
+
+
+def test_workers_follow_grad_and_inference_mode(two_threads) -> None:
+    """Grad mode and inference mode are thread-local in torch; the workers take the caller's."""
+    modes: list[tuple[bool, bool]] = []
+
+    def work(i: int) -> None:
+        modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+
+    with torch.no_grad():
+        parallel_items(work, [1, 1])
+    with torch.inference_mode():
+        parallel_items(work, [1, 1])
+    parallel_items(work, [1, 1])
+    assert modes == [(False, False)] * 2 + [(False, True)] * 2 + [(True, False)] * 2
+
+
+def test_nested_calls_run_inline(two_threads) -> None:
+    """A worker that calls parallel_items again runs the inner items itself (no deadlock on a full pool)."""
+    inner: list[str] = []
+
+    def outer(i: int) -> None:
+        parallel_items(lambda j: inner.append(threading.current_thread().name), [1, 1])
+
+    parallel_items(outer, [1, 1])
+    assert len(inner) == 4 and all(n.startswith("moeflow-expert") for n in inner)
+
+
+SPLITS = [5, 0, 7, 2, 9, 0, 3]
+
+
+def _leaf(*shape: int) -> torch.Tensor:
+    """A float64 leaf that requires grad."""
+    return torch.randn(*shape, dtype=torch.float64).requires_grad_(True)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grouped_mlp_on_the_pool_equals_inline_bitwise(weighted, two_threads, monkeypatch) -> None:
+    """Spreading experts over workers changes nothing: forward and every gradient are bit-identical to one thread
+    (each expert's GEMMs run single-threaded either way), with chunked blocks and empty experts."""
+    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 24)
+    x, w_in, w_out, w = _leaf(26, 4), _leaf(7, 6, 4), _leaf(7, 4, 3), _leaf(26)
+    g = torch.randn(26, 4, dtype=torch.float64)
+    inputs = [x, w_in, w_out] + ([w] if weighted else [])
+
+    def run() -> tuple[torch.Tensor, ...]:
+        y = grouped_mlp(x, w_in, w_out, SPLITS, "swiglu", row_weights=w if weighted else None)
+        return (y.detach(), *torch.autograd.grad(y, inputs, g))
+
+    pooled = run()
+    torch.set_num_threads(1)
+    inline = run()
+    for a, b in zip(pooled, inline):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_row_weights_scale_rows_and_get_their_gradient(activation, monkeypatch) -> None:
+    """grouped_mlp(..., row_weights=w) == w[:, None] * per-expert FFNs, forward and all four gradients (float64)."""
+    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 24)
+    f = 6 if activation == "swiglu" else 3
+    x, w_in, w_out, w = _leaf(26, 4), _leaf(7, f, 4), _leaf(7, 4, 3), _leaf(26)
+    y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w)
+    starts = [sum(SPLITS[:e]) for e in range(len(SPLITS))]
+    ref = torch.cat([activate(x[s:s + n] @ w_in[e].t(), activation) @ w_out[e].t()
+                     for e, (s, n) in enumerate(zip(starts, SPLITS))]) * w[:, None]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, [x, w_in, w_out, w], g), torch.autograd.grad(ref, [x, w_in, w_out, w], g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_row_weights_pass_gradcheck_and_bad_shape_is_named(monkeypatch) -> None:
+    """Finite differences agree with the fused backward through the row weights; a wrong-length w is refused."""
+    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 12)
+    splits = [2, 0, 3]
+    x, w_in, w_out, w = _leaf(5, 3), _leaf(3, 4, 3), _leaf(3, 3, 2), _leaf(5)
+    assert torch.autograd.gradcheck(lambda a, b, c, d: grouped_mlp(a, b, c, splits, "swiglu", row_weights=d),
+                                    (x, w_in, w_out, w))
+    with pytest.raises(ValueError, match=r"row_weights must be \[R=5\]"):
+        grouped_mlp(x, w_in, w_out, splits, row_weights=w[:4])
+
+
+def test_uniform_like_is_seeded_and_independent_of_thread_count() -> None:
+    """Parallel pieces: in range, fixed by torch.manual_seed, the same on 1 and 2 threads, and no two pieces equal."""
+    x = torch.empty(3, (1 << 18) + 5)
+
+    def draw(threads: int) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        torch.manual_seed(7)
+        return uniform_like(x, 0.9, 1.1)
+
+    a, b, c = draw(2), draw(2), draw(1)
+    torch.set_num_threads(1)
+    assert torch.equal(a, b)
+    assert a.min() >= 0.9 and a.max() <= 1.1 and abs(a.mean().item() - 1.0) < 1e-3
+    assert torch.equal(a, c)
+    piece = 1 << 18
+    flat = a.view(-1)
+    assert not torch.equal(flat[:piece], flat[piece:2 * piece])
+
+
+def _child(q) -> None:
+    """Use the pool in a forked child."""
+    torch.set_num_threads(2)
+    out: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with lock:
+            out.append(i)
+
+    parallel_items(work, [1, 1, 1])
+    q.put(sorted(out))
+
+
+def test_pool_works_after_fork(two_threads) -> None:
+    """A process forked after the pool started builds its own pool instead of waiting on threads it lacks."""
+    parallel_items(lambda i: None, [1, 1])
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(timeout=60)
+    assert p.exitcode == 0, "forked child hung or failed using the expert pool"
+    assert q.get(timeout=5) == [0, 1, 2]
