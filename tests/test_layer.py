@@ -7,6 +7,9 @@ Routing record (robust to how the noise is drawn), and end to end with the noise
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -330,3 +333,21 @@ def test_nan_input_is_a_clear_error(router, k, training, make_moe, randn) -> Non
 def test_aux_loss_is_zero_before_the_first_forward(make_moe) -> None:
     """aux_loss exists (as 0) before any forward, so a training loop can always add it."""
     assert float(make_moe().aux_loss) == 0.0
+
+
+def test_deepcopy_and_pickle_after_a_forward_drop_the_routing_record(make_moe, randn) -> None:
+    """last_routing holds non-leaf tensors of the last graph: copies leave it out and compute the same outputs."""
+
+    moe = make_moe(router="topk", top_k=2)
+    x = randn(T, D)
+    moe(x).sum().backward()
+    assert moe.last_routing is not None
+    clone = copy.deepcopy(moe)
+    assert clone.last_routing is None and moe.last_routing is not None
+    torch.testing.assert_close(clone(x), moe(x), rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(moe, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.last_routing is None
+    torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)

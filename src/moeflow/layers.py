@@ -47,7 +47,21 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-class MoELayer(nn.Module):
+class RecordsRouting:
+    """Mixin for modules that keep their last forward's Routing in `last_routing`.
+
+    Copies and pickles leave it out: it holds non-leaf tensors of the last autograd graph, which
+    `copy.deepcopy` refuses, and it describes a past batch, not the module's state.
+    """
+
+    def __getstate__(self) -> dict:
+        """The module's state without the last Routing record."""
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state["last_routing"] = None
+        return state
+
+
+class MoELayer(RecordsRouting, nn.Module):
     """A drop-in replacement for an FFN: input [..., D], output [..., D].
 
     After each forward, `last_routing` holds the Routing record (aux losses, per-expert counts, drops,

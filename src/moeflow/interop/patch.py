@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.dispatch import LocalDispatcher
+from moeflow.layers import RecordsRouting
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
 from moeflow.routing import Routing
@@ -50,7 +51,7 @@ def routing_from_topk(logits_TE: Tensor, probs_TE: Tensor, e_TK: Tensor, w_TK: T
                    logits_TE=logits_TE, num_tokens=t, num_experts=logits_TE.shape[-1], top_k=k, capacity=capacity)
 
 
-class PatchedMoE(nn.Module):
+class PatchedMoE(RecordsRouting, nn.Module):
     """An HF sparse MoE block re-run as route -> dispatch -> grouped experts -> combine (+ shared experts).
 
     After each forward `last_routing` holds the moeflow Routing record (tokens per expert, drops, entropy).
