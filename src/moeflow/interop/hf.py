@@ -7,14 +7,20 @@ whole model is ever built, and the file mapping is closed every REMAP_BYTES, so 
 weights plus at most REMAP_BYTES of mapped file pages (measured: 1.09x a 1 GiB checkpoint, against 2.0x for
 `load_file` + copy; `python benchmarks/hf.py rss`).
 
-Reads config.json and *.safetensors directly: `transformers` is not needed to load or save.
+PyTorch checkpoints (pytorch_model.bin, or pytorch_model-0000i-of-0000n.bin + index) stream the same way:
+`torch.load(mmap=True, weights_only=True)` maps the file instead of reading it, and is re-done every REMAP_BYTES
+for the same reason. Safetensors are preferred when a folder has both.
+
+Reads config.json and the weight files directly: `transformers` is not needed to load or save.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,10 @@ from moeflow.interop.hf_config import (DTYPES, AnyConfig, arch_of_model, build_m
 from moeflow.interop.rules import check_keys, plan, slot_view, unique_state
 
 INDEX_NAME = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 MOEFLOW_CONFIG = "moeflow.json"
-REMAP_BYTES = 32 << 20  # file pages one safe_open mapping may keep resident before it is closed
+REMAP_BYTES = 32 << 20  # file pages one mapping of a weight file may keep resident before it is closed
 
 
 def _safetensors() -> Any:
@@ -45,7 +53,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file, with errors that name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected a Hugging Face model folder with config.json and "
-                                "*.safetensors")
+                                "*.safetensors (or pytorch_model*.bin)")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -55,49 +63,95 @@ def read_json(path: Path) -> dict[str, Any]:
     return d
 
 
+def _index_files(index: Path) -> dict[str, list[str]]:
+    """Shard file -> its tensor names, from a sharded checkpoint's index (every shard checked to exist)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"{index} has no weight_map")
+    files: dict[str, list[str]] = defaultdict(list)
+    for key, fname in weight_map.items():
+        files[fname].append(key)
+    for fname in files:
+        if not (index.parent / fname).is_file():
+            raise FileNotFoundError(f"{index.parent / fname} is listed in {index} but missing")
+    return dict(files)
+
+
+def torch_state(path: Path) -> dict[str, Tensor]:
+    """The state dict of a PyTorch .bin checkpoint, memory-mapped (no tensor data is read until it is used)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as e:  # OSError: EINVAL on some cuts
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); it may be "
+                         "truncated or corrupt, or written by torch.save without the zip format (mmap needs it): "
+                         "re-save it, or convert it to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__}); expected "
+                         "the pytorch_model*.bin that save_pretrained writes")
+    return state
+
+
 def checkpoint_files(folder: Path) -> dict[str, list[str]]:
-    """safetensors file -> its tensor names, from the shard index if there is one, else from the files' headers."""
-    st = _safetensors()
+    """Weight file -> its tensor names: safetensors (from the shard index, else the headers) if the folder has
+    any, else pytorch_model.bin (from its index, else the file itself)."""
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConfigError(f"{index} has no weight_map")
-        files: dict[str, list[str]] = defaultdict(list)
-        for key, fname in weight_map.items():
-            files[fname].append(key)
-        for fname in files:
-            if not (folder / fname).is_file():
-                raise FileNotFoundError(f"{folder / fname} is listed in {index} but missing")
-        return dict(files)
+        return _index_files(index)
     paths = sorted(folder.glob("*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(f"no *.safetensors in {folder} (PyTorch .bin checkpoints are not supported: "
-                                "re-save them with save_pretrained(safe_serialization=True))")
-    out = {}
-    for p in paths:
-        with st.safe_open(str(p), framework="pt") as f:
-            out[p.name] = list(f.keys())
-    return out
+    if paths:
+        st = _safetensors()
+        out = {}
+        for p in paths:
+            with st.safe_open(str(p), framework="pt") as f:
+                out[p.name] = list(f.keys())
+        return out
+    if (folder / BIN_INDEX_NAME).is_file():
+        return _index_files(folder / BIN_INDEX_NAME)
+    if (folder / BIN_NAME).is_file():
+        return {BIN_NAME: list(torch_state(folder / BIN_NAME))}
+    raise FileNotFoundError(f"no weights in {folder}: expected *.safetensors (with {INDEX_NAME} when sharded) or "
+                            f"{BIN_NAME} (with {BIN_INDEX_NAME} when sharded)")
+
+
+@contextmanager
+def open_tensors(path: Path) -> Iterator[Callable[[str], Tensor]]:
+    """A getter of tensors by name from one safetensors or PyTorch .bin file, memory-mapped while open."""
+    if path.suffix == ".safetensors":
+        with _safetensors().safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f.get_tensor
+        return
+    state = torch_state(path)
+
+    def get(key: str) -> Tensor:
+        if key not in state:
+            raise KeyError(f"{path} has no tensor {key}, but the checkpoint's index lists it there")
+        return state.pop(key)  # popped: the file mapping goes away with the last tensor handed out
+
+    yield get
+    state.clear()
 
 
 def stream_tensors(path: Path, keys: list[str], remap_bytes: int = REMAP_BYTES) -> Iterator[tuple[str, Tensor]]:
-    """(key, tensor) for `keys` of one safetensors file, one tensor at a time.
+    """(key, tensor) for `keys` of one safetensors or PyTorch .bin file, one tensor at a time.
 
-    NOTE: safe_open memory-maps the file, and every page read stays resident (and counted in RSS) until the
-    mapping closes: reading a whole shard through one handle would hold a second copy of it. Re-opening the
+    NOTE: both formats memory-map the file, and every page read stays resident (and counted in RSS) until the
+    mapping closes: reading a whole shard through one mapping would hold a second copy of it. Re-opening the
     file every `remap_bytes` bounds that to `remap_bytes` while parsing the header only a few times per shard.
+    A mapping outlives its handle while any tensor from it lives, so callers must drop each tensor after use.
     """
-    st = _safetensors()
     i = 0
     while i < len(keys):
-        with st.safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_tensors(path) as get:
             mapped = 0
             while i < len(keys) and mapped < remap_bytes:
-                t = f.get_tensor(keys[i])
+                t = get(keys[i])
                 mapped += t.numel() * t.element_size()
                 yield keys[i], t
+                del t
                 i += 1
+        del get
 
 
 def empty_model(arch: str, cfg: AnyConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
@@ -129,7 +183,7 @@ def empty_model(arch: str, cfg: AnyConfig, dtype: torch.dtype, device: torch.dev
 
 @torch.no_grad()
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """Load an HF folder (config.json + safetensors, single or sharded) as a moeflow model, in eval mode.
+    """Load an HF folder (config.json + safetensors or PyTorch .bin, single or sharded) as a moeflow model, in eval mode.
 
     Supports Mixtral, Qwen2-MoE, OLMoE (-> MoETransformer), DeepSeek-V3 (-> DeepSeekV3) and SwitchTransformers
     (-> SwitchTransformer). `dtype` defaults to the checkpoint's. The model remembers the HF config it came from

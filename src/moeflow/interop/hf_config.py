@@ -102,24 +102,31 @@ def _llama_family(arch: str, hf: dict[str, Any]) -> ModelConfig:
                                          normalize=bool(hf.get("norm_topk_prob", False))))
     # qwen2_moe: MoE on layers with (i + 1) % decoder_sparse_step == 0 outside mlp_only_layers
     step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+    _need(isinstance(step, int) and step >= 1, f"decoder_sparse_step={step!r} must be a positive integer")
     moe_layers = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
-    fdl, every = _layout(moe_layers, n_layers)
+    fdl, every, extra_dense = _layout(moe_layers, n_layers)
     shared = hf.get("shared_expert_intermediate_size") or 0
     return ModelConfig(**common, max_seq_len=_max_len(hf, bool(hf.get("use_sliding_window"))),
                        rope_theta=_rope_theta(hf, 1e4), attn_bias=bool(hf.get("qkv_bias", True)),
-                       first_dense_layers=fdl, moe_every=every,
+                       first_dense_layers=fdl, moe_every=every, dense_layers=extra_dense,
                        moe=MoEConfig(**moe, d_hidden=hf["moe_intermediate_size"], shared_d_hidden=shared,
                                      shared_gate=shared > 0, normalize=bool(hf.get("norm_topk_prob", False))))
 
 
-def _layout(moe_layers: list[int], n_layers: int) -> tuple[int, int]:
-    """(first_dense_layers, moe_every) reproducing exactly this set of MoE layers."""
+def _layout(moe_layers: list[int], n_layers: int) -> tuple[int, int, tuple[int, ...]]:
+    """(first_dense_layers, moe_every, dense_layers) giving exactly this set of MoE layers, with as few
+    `dense_layers` exceptions as possible (none when the layout is 'first k dense, then every n-th')."""
+    want = set(moe_layers)
+    best: tuple[int, int, tuple[int, ...]] | None = None
     for fdl in range(n_layers + 1):
         for every in range(1, n_layers + 1):
-            if [i for i in range(n_layers) if i >= fdl and (i - fdl) % every == every - 1] == moe_layers:
-                return fdl, every
-    raise ConfigError(f"MoE layers {moe_layers} (from decoder_sparse_step / mlp_only_layers) are not 'first k dense, "
-                      "then every n-th'; moeflow's ModelConfig cannot express this layout")
+            rule = set(range(fdl + every - 1, n_layers, every))
+            if want <= rule and (best is None or len(rule - want) < len(best[2])):
+                best = fdl, every, tuple(sorted(rule - want))
+                if not best[2]:
+                    return best
+    assert best is not None  # fdl=0, every=1 makes every layer MoE, a superset of any layout
+    return best
 
 
 def _deepseek(hf: dict[str, Any]) -> DeepSeekConfig:
@@ -233,15 +240,15 @@ def _problems(arch: str, cfg: AnyConfig) -> list[str]:
                    (cfg.latent_norm_eps == 1e-6, "latent_norm_eps != 1e-6")]
     else:
         shared = moe.shared_d_hidden > 0
+        all_moe = all(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
         checks += [(cfg.dense_activation == "swiglu", "dense activation is not SwiGLU")]
         if arch == "mixtral":
             checks += [(moe.normalize, "normalize=False (Mixtral renormalises the top-k weights)"),
                        (not shared, "shared experts"), (not cfg.qk_norm, "qk_norm"), (not cfg.attn_bias, "attn_bias"),
-                       (cfg.moe_every == 1 and cfg.first_dense_layers == 0, "dense layers")]
+                       (all_moe, "dense layers")]
         elif arch == "olmoe":
             checks += [(cfg.qk_norm, "no qk_norm (OLMoE normalises q and k)"), (not shared, "shared experts"),
-                       (not cfg.attn_bias, "attn_bias"),
-                       (cfg.moe_every == 1 and cfg.first_dense_layers == 0, "dense layers")]
+                       (not cfg.attn_bias, "attn_bias"), (all_moe, "dense layers")]
         else:
             checks += [(shared and moe.shared_gate, "no gated shared expert (Qwen2-MoE always has one)"),
                        (not cfg.qk_norm, "qk_norm")]

@@ -18,7 +18,8 @@ class ModelConfig:
     """A Llama/Mixtral-style decoder: sizes, attention options, and which FFNs are MoE layers.
 
     `head_dim=None` resolves to `d_model // n_heads` at construction. Layer i has an MoE FFN iff `moe` is set,
-    `i >= first_dense_layers` and `(i - first_dense_layers) % moe_every == moe_every - 1`.
+    `i >= first_dense_layers`, `(i - first_dense_layers) % moe_every == moe_every - 1` and i is not in
+    `dense_layers` (stored sorted, as a tuple).
     """
 
     vocab_size: int = 256  # byte-level default
@@ -34,6 +35,7 @@ class ModelConfig:
     moe: MoEConfig | None = None  # None -> dense model
     moe_every: int = 1  # 1: every layer is MoE; 2: every other layer (GShard)
     first_dense_layers: int = 0  # DeepSeek-style dense first layers
+    dense_layers: tuple[int, ...] = ()  # further dense layers, for layouts the rule above cannot express (Qwen2-MoE)
     tie_embeddings: bool = False
     attn_bias: bool = False  # q/k/v projection biases (Qwen2-MoE)
     qk_norm: bool = False  # RMSNorm over the full q / k projections before RoPE (OLMoE)
@@ -63,6 +65,14 @@ class ModelConfig:
         need(isinstance(self.first_dense_layers, int) and 0 <= self.first_dense_layers <= self.n_layers,
              f"ModelConfig.first_dense_layers must be in [0, n_layers={self.n_layers}], "
              f"got {self.first_dense_layers!r}")
+        need(isinstance(self.dense_layers, (list, tuple)),
+             f"ModelConfig.dense_layers must be a list of layer indices, got {self.dense_layers!r}")
+        bad = [i for i in self.dense_layers
+               if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers)]
+        need(not bad, f"ModelConfig.dense_layers {bad} are not layer indices in [0, n_layers={self.n_layers})")
+        need(len(set(self.dense_layers)) == len(self.dense_layers),
+             f"ModelConfig.dense_layers {list(self.dense_layers)} lists a layer more than once")
+        self.dense_layers = tuple(sorted(self.dense_layers))  # canonical, so a JSON round trip compares equal
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
@@ -77,7 +87,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- structure
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i has an MoE FFN (else a dense FFN of width ffn_hidden)."""
-        if self.moe is None or i < self.first_dense_layers:
+        if self.moe is None or i < self.first_dense_layers or i in self.dense_layers:
             return False
         return (i - self.first_dense_layers) % self.moe_every == self.moe_every - 1
 
@@ -88,8 +98,10 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON-able); `moe` becomes a dict or None."""
-        return dataclasses.asdict(self)
+        """Plain nested dict (JSON-able); `moe` becomes a dict or None, `dense_layers` a list."""
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)  # a tuple would not equal the list JSON/YAML give back
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -240,6 +240,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             return value
     elif hint is Any:
         return value
+    elif typing.get_origin(hint) in (list, tuple):
+        if isinstance(value, (list, tuple)):  # the elements are validated by the config's __post_init__
+            return value
     raise ConfigError(f"{key}={value!r}: expected {_type_name(hint)}, got {type(value).__name__}")
 
 
