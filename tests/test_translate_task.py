@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +172,30 @@ def test_ablate_command_prints_the_table(tmp_path, capsys) -> None:
     assert [r[0] for r in rows] == ["base", "capacity_factor=0.5", "dense"]
     assert float(rows[1][6]) > float(rows[0][6]) and rows[2][6] == "0.000"  # dropped: less capacity drops more
     assert (tmp_path / "abl" / "ablation.md").is_file()
+
+
+def test_ablate_over_seeds_in_worker_processes(tmp_path, capsys) -> None:
+    """--seeds trains each variant once per seed (in 2 worker processes), the row is the mean of the per-seed runs,
+    and the table counts the seeds where the MoE's CER beats dense; a run equals the same seed trained alone."""
+    out = tmp_path / "abl"
+    assert main(["ablate", "--task", "translate", "--preset", "tiny", "--steps", "3", "--set", "eval_sentences=2",
+                 "--axis", "none", "--seeds", "0,5", "--jobs", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4 runs (2 variants x 2 seed(s)), 2 at a time" in text and "CER < dense" in text
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["variant"] for r in rows] == ["base", "dense"] and rows[0]["seeds"] == [0, 5]
+    base = rows[0]
+    assert base["exact"] == pytest.approx(sum(base["exact_per_seed"]) / 2)
+    assert base["cer_wins_vs_dense"] in ("0/2", "1/2", "2/2")
+    assert {Path(r["run"]).name for r in base["runs"]} == {"00_base_seed0", "00_base_seed5"}
+    # the worker's seed-5 run is the run one gets from the same config with seed=5 in this process
+    alone = main(["ablate", "--task", "translate", "--preset", "tiny", "--steps", "3", "--set", "eval_sentences=2",
+                  "--set", "seed=5", "--set", "threads=1", "--axis", "none", "--no-dense", "--out", str(tmp_path / "one")])
+    assert alone == 0
+    one = json.loads((tmp_path / "one" / "ablation.json").read_text())[0]
+    assert one["heldout_ce"] == pytest.approx(base["heldout_ce_per_seed"][1], rel=1e-6)
+    assert main(["ablate", "--task", "translate", "--preset", "tiny", "--seeds", "1,1", "--out", str(out)]) == 2
+    assert "distinct" in capsys.readouterr().err
 
 
 def test_translate_data_pairs_are_consistent() -> None:

@@ -3,6 +3,7 @@ dense baseline with the same budget, and print one table.
 
     moeflow ablate --task translate --steps 400                       # one factor at a time around gshard
     moeflow ablate --task translate --axis capacity_factor=0.5,2 --axis num_groups=1,4 --grid
+    moeflow ablate --task translate --axis none --seeds 0,1,2,3 --jobs 2         # MoE vs dense over 4 seeds
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                    help="axis to vary (moe_every, capacity_factor, num_groups, random_routing); repeatable; "
                         "default: all four with moe_every=1,2 capacity_factor=0.5,1,2 num_groups=1,4 "
-                        "random_routing=on,off")
+                        "random_routing=on,off; 'none': only the base model (and dense)")
     p.add_argument("--grid", action="store_true", help="full grid instead of one factor at a time")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="train every variant once per seed and report means, ranges and CER wins vs dense "
+                        "(default: the preset's seed)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline of equal active parameters")
     p.add_argument("--out", default="runs/ablate-translate", help="folder for the variants' runs and the table")
     p.add_argument("--verbose", action="store_true", help="print every variant's training log")
@@ -40,13 +45,30 @@ def run(args: argparse.Namespace) -> int:
     try:
         overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps else [])
         base = apply_overrides(translate_preset(args.preset), overrides)
-        axes = dict(parse_axis(a) for a in args.axis) if args.axis else dict(DEFAULT_AXES)
+        if args.axis == ["none"]:
+            axes = {}
+        else:
+            axes = dict(parse_axis(a) for a in args.axis) if args.axis else dict(DEFAULT_AXES)
         variants = ablation_variants(base, axes, grid=args.grid, dense=not args.no_dense)
+        seeds = _parse_seeds(args.seeds) if args.seeds else None
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     except ConfigError as e:
         print(f"moeflow ablate: {e}", file=sys.stderr)
         return 2
     print(f"ablation: {len(variants)} variants x {base.steps} steps -> {args.out}")
-    rows = run_ablation(variants, args.out, verbose=args.verbose)
+    rows = run_ablation(variants, args.out, verbose=args.verbose, seeds=seeds, jobs=args.jobs)
     print()
     print(format_table(rows))
     return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2], distinct non-negative integers."""
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} must list distinct non-negative integers")
+    return seeds

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,30 +93,84 @@ def ablation_variants(base: TranslateConfig, axes: dict[str, list[Any]], grid: b
     return out
 
 
+def _train_one(job: tuple[int, str, dict[str, Any], int, str, bool, bool]) -> dict[str, Any]:
+    """Train one (variant, seed) and return its row (runs in the caller or in a worker process)."""
+    i, name, cfg_dict, seed, run, verbose, figures = job
+    cfg = TranslateConfig.from_dict({**cfg_dict, "seed": seed})
+    data = load_data(tuple(cfg.languages), cfg.max_chars, cfg.heldout_percent)  # memoised per process
+    s = train_translate(cfg, run, data=data, log=print if verbose else (lambda _: None), figures=figures)
+    mis = [r["mi_bits"] for r in s["routing"].values()]
+    return {"variant": name, "seed": seed, "exact": s["mean_exact"], "cer": s["mean_cer"],
+            "heldout_ce": s["heldout_ce"], "tokens_per_s": s["tokens_per_s"], "tokens_per_cpu_s": s["tokens_per_cpu_s"],
+            "dropped": s["train_dropped_fraction"], "mi_bits": sum(mis) / len(mis) if mis else None,
+            "params": s["params"], "active_params": s["active_params"], "train_s": s["train_s"],
+            "per_language": s["eval"], "run": run}
+
+
+_MEANS = ("exact", "cer", "heldout_ce", "tokens_per_s", "tokens_per_cpu_s", "dropped", "mi_bits", "train_s")
+
+
+def _aggregate(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from a variant's runs over seeds: means (and the per-seed values) of every figure."""
+    row: dict[str, Any] = {"variant": name, "seeds": [r["seed"] for r in runs], "runs": runs,
+                           "params": runs[0]["params"], "active_params": runs[0]["active_params"]}
+    for key in _MEANS:
+        vals = [r[key] for r in runs]
+        row[key] = None if any(v is None for v in vals) else statistics.fmean(vals)
+        row[f"{key}_per_seed"] = vals
+    return row
+
+
 def run_ablation(variants: list[tuple[str, TranslateConfig]], out_dir: str | Path,
                  log: Callable[[str], None] = print, verbose: bool = False,
-                 figures: bool = False) -> list[dict[str, Any]]:
-    """Train every variant (shared data), write ablation.json / ablation.md under out_dir, return the rows.
+                 figures: bool = False, seeds: list[int] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+    """Train every variant once per seed, write ablation.json / ablation.md under out_dir, return the rows.
 
-    Each variant's run folder gets its report.md; its PNG figures only with `figures`."""
+    Rows hold the means over seeds (and each seed's value); with several seeds, variants are compared with the
+    dense baseline seed by seed (same data order and initial state of the shared layers). `jobs` > 1 trains that
+    many runs at once in worker processes (one CPU thread each unless the config sets threads). Each run's folder
+    gets its report.md; its PNG figures only with `figures`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = variants[0][1]
-    data = load_data(tuple(first.languages), first.max_chars, first.heldout_percent)
-    rows = []
+    seeds = list(seeds) if seeds else [first.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    load_data(tuple(first.languages), first.max_chars, first.heldout_percent)  # fail early on a bad task config
+    todo = []
     for i, (name, cfg) in enumerate(variants):
-        log(f"[{i + 1}/{len(variants)}] {name}")
-        run = out_dir / f"{i:02d}_{_slug(name)}"
-        s = train_translate(cfg, run, data=data, log=log if verbose else (lambda _: None),
-                            figures=figures)
-        mis = [r["mi_bits"] for r in s["routing"].values()]
-        rows.append({"variant": name, "exact": s["mean_exact"], "cer": s["mean_cer"], "heldout_ce": s["heldout_ce"],
-                     "tokens_per_s": s["tokens_per_s"],
-                     "tokens_per_cpu_s": s["tokens_per_cpu_s"], "dropped": s["train_dropped_fraction"],
-                     "mi_bits": sum(mis) / len(mis) if mis else None, "params": s["params"],
-                     "active_params": s["active_params"], "train_s": s["train_s"],
-                     "per_language": s["eval"], "run": str(run)})
-        log("  " + format_table(rows[-1:]).splitlines()[-1])
+        d = cfg.to_dict()
+        if jobs > 1 and not cfg.threads:
+            d["threads"] = 1  # several runs share the cores: one thread each avoids oversubscription
+        for seed in seeds:
+            run = out_dir / (f"{i:02d}_{_slug(name)}" + (f"_seed{seed}" if len(seeds) > 1 else ""))
+            todo.append((i, name, d, seed, str(run), verbose and jobs == 1, figures))
+    log(f"{len(todo)} runs ({len(variants)} variants x {len(seeds)} seed(s)), {jobs} at a time")
+    results: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def done(job: tuple[Any, ...], r: dict[str, Any]) -> None:
+        results[(job[0], job[3])] = r
+        log(f"[{len(results)}/{len(todo)}] {job[1]} seed {job[3]}: exact {r['exact']:.3f}  CER {r['cer']:.4f}  "
+            f"held-out CE {r['heldout_ce']:.4f}  ({r['train_s']:.0f} s)")
+
+    if jobs == 1:
+        for job in todo:
+            done(job, _train_one(job))
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
+        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_train_one, job): job for job in todo}
+            for fut in as_completed(futures):
+                done(futures[fut], fut.result())
+    rows = [_aggregate(name, [results[(i, s)] for s in seeds]) for i, (name, _) in enumerate(variants)]
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    for r in rows:
+        if dense is not None and r is not dense and len(seeds) > 1:
+            pairs = list(zip(r["cer_per_seed"], dense["cer_per_seed"]))
+            r["cer_wins_vs_dense"] = f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
     (out_dir / "ablation.md").write_text(format_table(rows, markdown=True))
     return rows
@@ -124,11 +181,20 @@ def _slug(name: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """The ablation table (plain text or markdown)."""
+    """The ablation table (plain text or markdown); with several seeds, means and the min..max of exact and CER."""
+    multi = any(len(r.get("seeds", [])) > 1 for r in rows)
+
+    def spread(r: dict[str, Any], key: str, fmt: str) -> str:
+        vals = r.get(f"{key}_per_seed", [r[key]])
+        mean = format(r[key], fmt)
+        return f"{mean} ({format(min(vals), fmt)}..{format(max(vals), fmt)})" if multi else mean
+
     head = ["variant", "exact", "CER", "held-out CE", "tokens/s", "tok/CPU-s", "dropped", "MI bits", "params", "active"]
-    body = [[r["variant"], f"{r['exact']:.3f}", f"{r['cer']:.4f}", f"{r['heldout_ce']:.4f}",
+    head += ["CER < dense"] if multi else []
+    body = [[r["variant"], spread(r, "exact", ".3f"), spread(r, "cer", ".4f"), f"{r['heldout_ce']:.4f}",
              f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.0f}", f"{r['dropped']:.3f}",
              "-" if r["mi_bits"] is None else f"{r['mi_bits']:.3f}", f"{r['params']:,}", f"{r['active_params']:,}"]
+            + ([r.get("cer_wins_vs_dense", "-")] if multi else [])
             for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
