@@ -5,7 +5,8 @@ their ratios to (a) `dense`: one SwiGLU FFN with hidden H over the T*k rows of x
 FLOPs with no routing) and (b) `naive`: a Hugging Face v4 Mixtral-style loop (per expert: torch.where on the
 routing mask, gather, FFN, index_add), all timed interleaved in the same run. Peak memory is the rise of the
 resident set during one forward+backward step, measured in a fresh subprocess per config (`--no-memory` skips it),
-plus the MoE's peak at T and 2T to show that it grows linearly in T (no [T, E, C] tensor).
+plus the MoE's peak at T and 2T to show that it grows linearly in T (no [T, E, C] tensor). The `gemms` row times only
+the six matmuls per expert (equal row blocks, on moeflow's expert pool): what any grouped-expert layer must run.
 
     python benchmarks/layer.py                      # configs A-D, 10 repeats, 2 threads
     python benchmarks/layer.py --configs A,B --repeats 20 --impls auto,bmm
@@ -39,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from moeflow import MoEConfig, MoELayer  # noqa: E402
+from moeflow.ops.threads import parallel_items  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,63 @@ class NaiveLoopMoE(nn.Module):
         return out_TD
 
 
+class _GemmsOnly(torch.autograd.Function):
+    """The six matmuls per expert of a SwiGLU MoE's fwd+bwd, on equal row blocks, spread over the expert pool as
+    moeflow runs them; nothing else (no routing, activation, gather or combine). Its gradients are not meaningful:
+    the forward's pre-activation stands in for d(pre-activation) so that every GEMM sees real-valued operands."""
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:  # type: ignore[override]
+        """Per expert: h = x W_in^T, y = h[:, :H] W_out^T."""
+        e, hid = w_in.shape[0], w_out.shape[2]
+        bounds = [x_RD.shape[0] * i // e for i in range(e + 1)]
+        h_RF = x_RD.new_empty(x_RD.shape[0], w_in.shape[1])
+        y_RD = torch.empty_like(x_RD)
+
+        def expert(i: int) -> None:
+            rows = slice(bounds[i], bounds[i + 1])
+            torch.mm(x_RD[rows], w_in[i].t(), out=h_RF[rows])
+            torch.mm(h_RF[rows, :hid], w_out[i].t(), out=y_RD[rows])
+
+        parallel_items(expert, [bounds[i + 1] - bounds[i] for i in range(e)])
+        ctx.save_for_backward(x_RD, w_in, w_out, h_RF)
+        ctx.bounds = bounds
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, g_RD: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """Per expert: d a, d W_out, d W_in, d x."""
+        x_RD, w_in, w_out, h_RF = ctx.saved_tensors
+        bounds, hid = ctx.bounds, w_out.shape[2]
+        g_RD = g_RD.contiguous()
+        ga_RH, gx_RD = x_RD.new_empty(x_RD.shape[0], hid), torch.empty_like(x_RD)
+        gw_in, gw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+
+        def expert(i: int) -> None:
+            rows = slice(bounds[i], bounds[i + 1])
+            torch.mm(g_RD[rows], w_out[i], out=ga_RH[rows])
+            torch.mm(g_RD[rows].t(), h_RF[rows, :hid], out=gw_out[i])
+            torch.mm(h_RF[rows].t(), x_RD[rows], out=gw_in[i])
+            torch.mm(h_RF[rows], w_in[i], out=gx_RD[rows])
+
+        parallel_items(expert, [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)])
+        return gx_RD, gw_in, gw_out
+
+
+class ExpertGemmsOnly(nn.Module):
+    """The floor row: only the expert GEMMs every grouped-expert implementation must run (see _GemmsOnly)."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int) -> None:
+        """Stacked weights shaped like MoELayer's experts."""
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(num_experts, 2 * d_hidden, d_model) / d_model ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, d_model, d_hidden) / d_hidden ** 0.5)
+
+    def forward(self, x_RD: Tensor) -> Tensor:
+        """[T*k, D] -> [T*k, D] through the expert GEMMs alone."""
+        return _GemmsOnly.apply(x_RD, self.w_in, self.w_out)
+
+
 def build(shape: Shape, impls: list[str], tokens: int, seed: int = 0) -> dict[str, tuple[nn.Module, Tensor]]:
     """Modules and their leaf inputs, keyed by impl name: dense, naive and one MoELayer per expert impl."""
     torch.manual_seed(seed)
@@ -159,6 +218,7 @@ def build(shape: Shape, impls: list[str], tokens: int, seed: int = 0) -> dict[st
         layers[impl] = MoELayer(shape.moe_config(impl))
         out[f"moe[{impl}]"] = (layers[impl], x_TD.clone())
     out["naive"] = (NaiveLoopMoE(layers[impls[0]]), x_TD.clone())
+    out["gemms"] = (ExpertGemmsOnly(shape.num_experts, shape.d_model, shape.d_hidden), x_TD.repeat(shape.top_k, 1))
     return out
 
 
@@ -244,7 +304,7 @@ def peak_step_mb(module: nn.Module, x: Tensor) -> float:
 def memory_probe(shape: Shape, impls: list[str]) -> dict[str, float]:
     """Peak MB per impl at T, and of each MoE impl at 2T (run in a fresh subprocess per config)."""
     models = build(shape, impls, shape.tokens)
-    peaks = {name: peak_step_mb(module, x) for name, (module, x) in models.items()}
+    peaks = {name: peak_step_mb(module, x) for name, (module, x) in models.items() if name != "gemms"}
     del models
     big = build(shape, impls, 2 * shape.tokens)
     for name, (module, x) in big.items():
@@ -319,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             vs_naive = f"{full / med['naive'][1]:.2f} ({fwd / med['naive'][0]:.2f})"
             peak = f"{mem[impl]:.0f}" if impl in mem else "-"
             print(f"{name:<4}{impl:<12}{fwd * 1e3:>9.1f}{full * 1e3:>12.1f}{vs_dense:>15}{vs_naive:>15}{peak:>10}")
-        print(f"    {shape.describe()}; max |moe - naive| = {err:.1e}")
+        print(f"    {shape.describe()}; max |moe - naive| = {err:.1e}; gemms = the expert matmuls alone (a floor)")
         scaling += [(name, impl, mem[f"moe[{impl}]"], mem[f"moe[{impl}]@2T"]) for impl in impls if mem]
     if scaling:
         print("\nMoE peak step memory at T and 2T: linear in T (the weight gradients are a constant part);\n"
