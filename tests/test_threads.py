@@ -56,6 +56,13 @@ def test_inline_when_one_thread_largest_first() -> None:
     assert order == [1, 3, 0]
 
 
+def test_work_off_the_cpu_runs_inline(two_threads) -> None:
+    """cpu=False (CUDA tensors) keeps every item on the calling thread, which owns the current stream."""
+    names: list[str] = []
+    parallel_items(lambda i: names.append(threading.current_thread().name), [1, 1, 1], cpu=False)
+    assert names == [threading.current_thread().name] * 3
+
+
 def test_worker_errors_reach_the_caller(two_threads) -> None:
     """An exception in an item is raised by parallel_items, after the other items ran."""
     done: list[int] = []

@@ -159,7 +159,7 @@ class _GroupedMLP(torch.autograd.Function):
                 if keep:
                     h_blocks[i].append(h)
 
-        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS)
+        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x_RD.is_cpu)
         ctx.weighted = w_R is not None
         ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, w_R if ctx.weighted else x_RD.new_empty(0),
                               *(h for hs in h_blocks for h in hs))
@@ -206,7 +206,7 @@ class _GroupedMLP(torch.autograd.Function):
                 if gx_RD is not None:
                     torch.mm(grad_h, w_in_EFD[e], out=gx_RD[lo:hi])
 
-        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS)
+        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x_RD.is_cpu)
         for e, n in enumerate(ctx.splits):
             if n == 0:
                 for gw in (gw_in, gw_out):

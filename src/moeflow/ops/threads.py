@@ -61,16 +61,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def parallel_items(work: Callable[[int], None], costs: Sequence[int], min_cost: int = 0) -> None:
+def parallel_items(work: Callable[[int], None], costs: Sequence[int], min_cost: int = 0, cpu: bool = True) -> None:
     """Call work(i) for every item i with costs[i] > 0; spread over torch.get_num_threads() workers on CPU.
 
     Items are taken largest first from a shared queue (dynamic balance). Grad mode and inference mode follow the
-    caller. Runs inline when one thread is set, when there are fewer than two items, when the total cost is under
-    `min_cost`, or when already inside a worker. The first exception raised by an item is re-raised here.
+    caller. Runs inline when the work is not on the CPU (`cpu=False`: kernel launches are asynchronous anyway, and
+    a worker thread would not see the caller's current CUDA stream), when one thread is set, when there are fewer
+    than two items, when the total cost is under `min_cost`, or when already inside a worker. The first exception
+    raised by an item is re-raised here.
     """
     items = sorted((i for i, c in enumerate(costs) if c > 0), key=lambda i: -costs[i])
     threads = torch.get_num_threads()
-    if threads <= 1 or len(items) < 2 or sum(costs[i] for i in items) < min_cost \
+    if not cpu or threads <= 1 or len(items) < 2 or sum(costs[i] for i in items) < min_cost \
             or getattr(_state, "in_worker", False):
         for i in items:
             work(i)
