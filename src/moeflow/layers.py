@@ -93,6 +93,17 @@ class MoELayer(RecordsRouting, nn.Module):
                              "the last dimension must equal MoEConfig.d_model")
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
+        y_TD = self.dispatch_experts_combine(x_TD, routing)
+        if self.shared is not None:
+            s_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+            y_TD = y_TD + s_TD
+        self.last_routing = routing
+        return y_TD.view(x.shape).to(x.dtype) if y_TD.dtype != x.dtype else y_TD.view(x.shape)
+
+    def dispatch_experts_combine(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """The routed experts' weighted output for each token, [T, D] (zero where every assignment was dropped)."""
         x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
         # NOTE: NaN/inf logits would route arbitrarily and steal capacity from healthy tokens, so fail loudly. The
         # check runs after dispatch, whose host sync has already waited for the logits: it adds no extra stall.
@@ -101,14 +112,7 @@ class MoELayer(RecordsRouting, nn.Module):
             self._raise_non_finite(x_TD, routing)
         w_R = self.dispatcher.row_weights(plan)  # applied inside the expert kernel where the dispatcher allows
         y_RD = self.experts(x_RD, plan.counts_E, plan.splits, w_R)
-        y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None)
-        if self.shared is not None:
-            s_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
-            y_TD = y_TD + s_TD
-        self.last_routing = routing
-        return y_TD.view(x.shape).to(x.dtype) if y_TD.dtype != x.dtype else y_TD.view(x.shape)
+        return self.dispatcher.combine(y_RD, plan, weighted=w_R is not None)
 
     def _raise_non_finite(self, x_TD: Tensor, routing: Routing) -> None:
         """Explain which of the input or the router weights made the router logits non-finite."""

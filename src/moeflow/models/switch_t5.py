@@ -107,10 +107,7 @@ class SwitchSparseMLP(MoELayer):
             raise ValueError(f"SwitchSparseMLP expects [batch, seq, d_model], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, x.shape[-1])
         routing = per_sequence_capacity(self.router(x_TD), x.shape[1], self.expert_capacity)
-        x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        w_R = self.dispatcher.row_weights(plan)  # applied inside the expert kernel where the dispatcher allows
-        y_RD = self.experts(x_RD, plan.counts_E, plan.splits, w_R)
-        y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None)
+        y_TD = self.dispatch_experts_combine(x_TD, routing)
         self.last_routing = routing
         return y_TD.view(x.shape).to(x.dtype)
 
