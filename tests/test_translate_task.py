@@ -168,7 +168,8 @@ def test_ablate_command_prints_the_table(tmp_path, capsys) -> None:
                  "--axis", "capacity_factor=0.5,1.0", "--out", str(tmp_path / "abl")]) == 0
     table = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("variant"))
-    rows = [line.split() for line in table[header + 1:]]
+    end = table.index("", header)  # the per-language table follows after a blank line
+    rows = [line.split() for line in table[header + 1:end]]
     assert [r[0] for r in rows] == ["base", "capacity_factor=0.5", "dense"]
     assert float(rows[1][6]) > float(rows[0][6]) and rows[2][6] == "0.000"  # dropped: less capacity drops more
     assert (tmp_path / "abl" / "ablation.md").is_file()
@@ -188,6 +189,10 @@ def test_ablate_over_seeds_in_worker_processes(tmp_path, capsys) -> None:
     assert base["exact"] == pytest.approx(sum(base["exact_per_seed"]) / 2)
     assert base["cer_wins_vs_dense"] in ("0/2", "1/2", "2/2")
     assert {Path(r["run"]).name for r in base["runs"]} == {"00_base_seed0", "00_base_seed5"}
+    # the per-language table: one line per language, the mean of the two seeds' values
+    cip = next(line.split() for line in text.splitlines() if line.startswith("cip "))
+    want = sum(r["per_language"]["cip"]["cer"] for r in base["runs"]) / 2
+    assert float(cip[3]) == pytest.approx(want, abs=1e-4)
     # the worker's seed-5 run is the run one gets from the same config with seed=5 in this process
     alone = main(["ablate", "--task", "translate", "--preset", "tiny", "--steps", "3", "--set", "eval_sentences=2",
                   "--set", "seed=5", "--set", "threads=1", "--axis", "none", "--no-dense", "--out", str(tmp_path / "one")])

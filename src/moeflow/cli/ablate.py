@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the variants, train them in turn, print the table."""
-    from moeflow.tasks.ablation import DEFAULT_AXES, ablation_variants, format_table, parse_axis, run_ablation
+    from moeflow.tasks.ablation import DEFAULT_AXES, ablation_variants, format_languages, format_table, parse_axis, \
+        run_ablation
     from moeflow.tasks.translate import apply_overrides, translate_preset
 
     try:
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     rows = run_ablation(variants, args.out, verbose=args.verbose, seeds=seeds, jobs=args.jobs)
     print()
     print(format_table(rows))
+    print()
+    print(format_languages(rows))
     return 0
 
 

@@ -172,8 +172,29 @@ def run_ablation(variants: list[tuple[str, TranslateConfig]], out_dir: str | Pat
             pairs = list(zip(r["cer_per_seed"], dense["cer_per_seed"]))
             r["cer_wins_vs_dense"] = f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=2))
-    (out_dir / "ablation.md").write_text(format_table(rows, markdown=True))
+    (out_dir / "ablation.md").write_text(format_table(rows, markdown=True) + "\n" + format_languages(rows, True))
     return rows
+
+
+def language_means(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per language: exact match and CER averaged over the row's seeds."""
+    runs = row["runs"]
+    return {lang: {m: statistics.fmean(r["per_language"][lang][m] for r in runs) for m in ("exact", "cer")}
+            for lang in runs[0]["per_language"]}
+
+
+def format_languages(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Exact match / CER per language and variant (means over seeds), one column per variant."""
+    means = {r["variant"]: language_means(r) for r in rows}
+    langs = list(next(iter(means.values())))
+    head = ["language"] + [f"{v} exact / CER" for v in means]
+    body = [[lang] + [f"{m[lang]['exact']:.3f} / {m[lang]['cer']:.4f}" for m in means.values()] for lang in langs]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" if j == 0 else f"{{:>{w}}}" for j, w in enumerate(widths))
+    return "\n".join(fmt.format(*r) for r in [head, *body])
 
 
 def _slug(name: str) -> str:
