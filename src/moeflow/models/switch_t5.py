@@ -6,6 +6,12 @@ with the decoder output scaled by d_model**-0.5 before the head. The MoE layers 
 `expert_capacity` per sequence: within each sequence, tokens past an expert's capacity (in position order) are
 dropped and only the residual carries them (HF `SwitchTransformersTop1Router`).
 
+Padding: an optional `attention_mask` [B, S_enc] (1 = real token, 0 = padding) hides the padded encoder positions as
+keys, in the encoder's self-attention and the decoder's cross-attention, with HF's finite mask value (the dtype's
+most negative number), so a row of all zeros attends uniformly to every position, as in HF, rather than giving NaN.
+Padded positions are still computed and routed, so they take expert capacity, exactly as HF does with
+router_ignore_padding_tokens=False.
+
 Shape legend: B = batch, S = query positions, L = key positions, H = heads, Dk = d_kv, D = model dim.
 """
 
@@ -112,6 +118,23 @@ class SwitchSparseMLP(MoELayer):
         return y_TD.view(x.shape).to(x.dtype)
 
 
+def check_attention_mask(attention_mask: Tensor, input_ids: Tensor) -> Tensor:
+    """A validated [B, S_enc] padding mask as bool (True = real token)."""
+    want = tuple(input_ids.shape)
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != want:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids [batch, seq] = {list(want)}, got {got}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.to(input_ids.device)
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise ValueError(f"attention_mask must be bool or integer (1 = real token, 0 = padding), got "
+                         f"{attention_mask.dtype}; convert it with attention_mask.bool()")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token), got values "
+                         f"{sorted(set(attention_mask.unique().tolist()))}")
+    return attention_mask.to(input_ids.device) == 1
+
+
 def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
     """T5's bucket of each relative position (memory - query): exact below num_buckets/2 (per side), log beyond."""
     buckets = torch.zeros_like(rel)
@@ -168,14 +191,15 @@ class SwitchBlock(nn.Module):
                                            else FFN(cfg.d_model, cfg.d_ff, cfg.activation))
 
     def forward(self, x: Tensor, bias: Tensor, self_kv: tuple[Tensor, Tensor] | None = None,
-                cross_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """[B, S, D] -> [B, S, D]; self_kv overrides this call's own keys/values (decoding with a cache)."""
+                cross_kv: tuple[Tensor, Tensor] | None = None, cross_bias: Tensor | None = None) -> Tensor:
+        """[B, S, D] -> [B, S, D]; self_kv overrides this call's own keys/values (decoding with a cache);
+        cross_bias [B, 1, 1, L_enc] masks padded encoder keys."""
         h = self.attention_norm(x)
         if self_kv is None:
             self_kv = (self.attention.heads(self.attention.wk(h)), self.attention.heads(self.attention.wv(h)))
         x = x + self.attention(h, *self_kv, bias)
         if cross_kv is not None:
-            x = x + self.cross_attention(self.cross_norm(x), *cross_kv, None)
+            x = x + self.cross_attention(self.cross_norm(x), *cross_kv, cross_bias)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -204,10 +228,23 @@ class SwitchStack(nn.Module):
             bias = bias.masked_fill(rel > 0, float("-inf"))
         return bias
 
-    def forward(self, h: Tensor, enc: Tensor | None = None, cache: "SwitchCache | None" = None) -> Tensor:
-        """Embedded tokens [B, S, D] -> hidden states [B, S, D] (decoder: attending to `enc` [B, S_enc, D])."""
+    def forward(self, h: Tensor, enc: Tensor | None = None, cache: "SwitchCache | None" = None,
+                enc_keep: Tensor | None = None) -> Tensor:
+        """Embedded tokens [B, S, D] -> hidden states [B, S, D] (decoder: attending to `enc` [B, S_enc, D]);
+        enc_keep [B, S_enc] bool (True = real token) masks padded encoder positions as keys."""
         past = 0 if cache is None else cache.length
         bias = self.position_bias(h.shape[1], past + h.shape[1], past, h.device)
+        cross_bias = None
+        if enc_keep is not None:
+            pad = ~enc_keep[:, None, None, :]  # [B, 1, 1, L_enc]
+            # HF's finite min, not -inf: a fully padded row then softmaxes to uniform as in HF instead of NaN;
+            # the compute dtype's own min so the cast in T5Attention stays finite
+            low = torch.finfo(h.dtype).min
+            if self.decoder:
+                cross_bias = torch.zeros(pad.shape, device=h.device).masked_fill(pad, low)
+            else:
+                # filled, not added: HF's bias + min rounds to min in fp32 anyway, and fp16 cannot overflow
+                bias = bias.masked_fill(pad, low)
         for i, block in enumerate(self.blocks):
             self_kv = cross_kv = None
             if self.decoder:
@@ -219,7 +256,7 @@ class SwitchStack(nn.Module):
                     cross_kv = cache.cross(i, lambda: (cross.heads(cross.wk(enc)), cross.heads(cross.wv(enc))))
                 else:
                     cross_kv = (cross.heads(cross.wk(enc)), cross.heads(cross.wv(enc)))
-            h = block(h, bias, self_kv, cross_kv)
+            h = block(h, bias, self_kv, cross_kv, cross_bias)
         return self.norm(h)
 
 
@@ -250,7 +287,7 @@ class SwitchCache:
 
 
 class SwitchTransformer(nn.Module):
-    """forward(input_ids [B, S_enc], decoder_input_ids [B, S]) -> logits [B, S, V]."""
+    """forward(input_ids [B, S_enc], decoder_input_ids [B, S], attention_mask [B, S_enc] | None) -> logits [B, S, V]."""
 
     def __init__(self, cfg: SwitchConfig) -> None:
         """Shared embedding, encoder, decoder, output head (all tied to the shared embedding if cfg.tie_embeddings)."""
@@ -279,40 +316,49 @@ class SwitchTransformer(nn.Module):
         for m in self.moe_layers():
             m.router.reset_parameters()
 
-    def encode(self, input_ids: Tensor) -> Tensor:
-        """Encoder hidden states [B, S_enc, D]."""
-        return self.encoder(self.encoder.embed_tokens(input_ids))
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Encoder hidden states [B, S_enc, D]; attention_mask [B, S_enc] (1 = real token) hides padded keys."""
+        keep = None if attention_mask is None else check_attention_mask(attention_mask, input_ids)
+        return self.encoder(self.encoder.embed_tokens(input_ids), enc_keep=keep)
 
-    def decode(self, decoder_input_ids: Tensor, enc: Tensor, cache: SwitchCache | None = None) -> Tensor:
-        """Logits [B, S, V] of the decoder positions given the encoder states."""
-        h = self.decoder(self.decoder.embed_tokens(decoder_input_ids), enc, cache)
+    def decode(self, decoder_input_ids: Tensor, enc: Tensor, cache: SwitchCache | None = None,
+               attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [B, S, V] of the decoder positions given the encoder states (and the encoder's padding mask)."""
+        keep = None
+        if attention_mask is not None:
+            keep = check_attention_mask(attention_mask, enc[..., 0])
+        h = self.decoder(self.decoder.embed_tokens(decoder_input_ids), enc, cache, keep)
         if cache is not None:
             cache.length += decoder_input_ids.shape[1]
         if self.cfg.tie_embeddings:
             h = h * self.cfg.d_model ** -0.5  # T5: the tied head sees a rescaled residual stream
         return self.output(h)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor) -> Tensor:
-        """Logits [B, S, V]."""
+    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [B, S, V]; attention_mask [B, S_enc] (1 = real token, 0 = padding) as in HF."""
         for name, t in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
             if t.dim() != 2 or t.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"{name} must be an integer tensor [batch, seq], got {t.dtype} {tuple(t.shape)}")
-        return self.decode(decoder_input_ids, self.encode(input_ids))
+        keep = None if attention_mask is None else check_attention_mask(attention_mask, input_ids)
+        return self.decode(decoder_input_ids, self.encode(input_ids, keep), attention_mask=keep)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                 attention_mask: Tensor | None = None) -> Tensor:
         """Greedy decoding with a cache (each step routes its one new token per sequence, as HF's generate does).
 
         Returns decoder ids [B, 1 + n] starting with decoder_start_token_id; stops early once every sequence
-        has produced `eos_token_id` (finished sequences are padded with it).
+        has produced `eos_token_id` (finished sequences are padded with it). attention_mask [B, S_enc]
+        (1 = real token, 0 = padding) hides padded source positions, as HF's generate(attention_mask=...).
         """
-        enc = self.encode(input_ids)
+        keep = None if attention_mask is None else check_attention_mask(attention_mask, input_ids)
+        enc = self.encode(input_ids, keep)
         b = input_ids.shape[0]
         out = torch.full((b, 1), self.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         cache = SwitchCache(len(self.decoder.blocks))
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            nxt = self.decode(out[:, -1:], enc, cache)[:, -1].argmax(-1)
+            nxt = self.decode(out[:, -1:], enc, cache, keep)[:, -1].argmax(-1)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
