@@ -189,6 +189,11 @@ def format_languages(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     langs = list(next(iter(means.values())))
     head = ["language"] + [f"{v} exact / CER" for v in means]
     body = [[lang] + [f"{m[lang]['exact']:.3f} / {m[lang]['cer']:.4f}" for m in means.values()] for lang in langs]
+    return _render(head, body, markdown)
+
+
+def _render(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    """A table as markdown, or as aligned plain text (first column left, the others right)."""
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
@@ -217,9 +222,4 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
              "-" if r["mi_bits"] is None else f"{r['mi_bits']:.3f}", f"{r['params']:,}", f"{r['active_params']:,}"]
             + ([r.get("cer_wins_vs_dense", "-")] if multi else [])
             for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" if j == 0 else f"{{:>{w}}}" for j, w in enumerate(widths))
-    return "\n".join(fmt.format(*r) for r in [head, *body])
+    return _render(head, body, markdown)
