@@ -351,3 +351,13 @@ def test_deepcopy_and_pickle_after_a_forward_drop_the_routing_record(make_moe, r
     loaded = torch.load(buf, weights_only=False)
     assert loaded.last_routing is None
     torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_logits_finite_catches_any_single_bad_logit(bad) -> None:
+    """The cheap min/max check flags one NaN, +inf or -inf anywhere, and passes finite or empty logits."""
+    from moeflow.layers import logits_finite
+    logits = torch.randn(64, 8)
+    assert logits_finite(logits) and logits_finite(torch.zeros(0, 8))
+    logits[37, 5] = bad
+    assert not logits_finite(logits)

@@ -1,0 +1,40 @@
+"""ops.top_k: the routers' top-k, a max loop on CPU for k <= 2, must equal torch.topk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeflow.ops.topk import top_k
+
+
+@given(t=st.integers(0, 40), e=st.integers(2, 70), k=st.integers(1, 4), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=60, deadline=None)
+def test_top_k_equals_torch_topk(t, e, k, seed, dtype) -> None:
+    """Values, indices and the gradient equal torch.topk's (distinct values, so the order is unique)."""
+    k = min(k, e)
+    x = torch.randperm(t * e, generator=torch.Generator().manual_seed(seed)).to(dtype).view(t, e)
+    x = (x / max(t * e, 1)).requires_grad_(True)
+    v, i = top_k(x, k)
+    rv, ri = torch.topk(x, k, dim=-1)
+    assert torch.equal(i, ri) and torch.equal(v, rv) and i.dtype == torch.int64
+    g = torch.randn(t, k, dtype=dtype)
+    assert torch.equal(torch.autograd.grad(v, x, g)[0], torch.autograd.grad(rv, x, g)[0])
+
+
+def test_top_k_rows_with_minus_inf_ties_and_nan() -> None:
+    """-inf everywhere but the winner still gives two distinct indices; ties go to the lower index; NaN wins."""
+    inf = float("inf")
+    x = torch.tensor([[5.0, -inf, -inf], [-inf, -inf, 3.0], [2.0, 2.0, 1.0], [float("nan"), 1.0, 2.0]])
+    v, i = top_k(x, 2)
+    assert i.tolist() == [[0, 1], [2, 0], [0, 1], [0, 2]]
+    assert v[:3].tolist() == [[5.0, -inf], [3.0, -inf], [2.0, 2.0]] and v[3, 1] == 2.0 and v[3, 0].isnan()
+
+
+def test_top_k_rejects_k_out_of_range() -> None:
+    """k larger than the row is a clear error, not a silent clamp."""
+    with pytest.raises(ValueError, match="k=5 must be in"):
+        top_k(torch.zeros(3, 4), 5)
