@@ -205,3 +205,60 @@ def test_grad_buffers_follow_shape_and_dtype() -> None:
     assert buffers.empty_like("w", torch.empty(2, 3)).data_ptr() == ptr
     b = buffers.empty_like("w", torch.empty(3, 2, dtype=torch.float64))
     assert b.shape == (3, 2) and b.dtype == torch.float64
+
+
+def _token_rows(num_tokens: int, splits: list[int], seed: int) -> "TokenRows":
+    """A random token <-> row map: each row reads a random token (some tokens have none, some several)."""
+    from moeflow.ops.rows import TokenRows
+    gen = torch.Generator().manual_seed(seed)
+    return TokenRows.from_token_ids(torch.randint(0, num_tokens, (sum(splits),), generator=gen), num_tokens)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+@pytest.mark.parametrize("chunk_elems", [1 << 22, 40])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grouped_mlp_with_tokens_gathers_and_sums_rows(activation, chunk_elems, weighted, monkeypatch) -> None:
+    """tokens= fuses dispatch and combine: == sum over each token's rows of w_r * FFN_e(x[t_r]), with the gradients
+    of x (summed over a token's rows), the weights and the row weights (float64, zero-row experts and tokens)."""
+    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", chunk_elems)
+    tokens = _token_rows(7, SPLITS, seed=3)
+    assert (torch.bincount(tokens.token_ids_R, minlength=7) == 0).any()  # a token without rows
+    h = 3
+    f = 2 * h if activation == "swiglu" else h
+    x, w_in, w_out = _leaf(7, 4), _leaf(len(SPLITS), f, 4), _leaf(len(SPLITS), 4, h)
+    w = _leaf(sum(SPLITS)) if weighted else None
+    y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w, tokens=tokens)
+    rows = _reference_mlp(x[tokens.token_ids_R], w_in, w_out, SPLITS, activation)
+    if weighted:
+        rows = rows * w[:, None]
+    ref = torch.zeros(7, 4, dtype=torch.float64).index_add(0, tokens.token_ids_R, rows)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    leaves = [x, w_in, w_out] + ([w] if weighted else [])
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(y, leaves, g), _grads(ref, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_mlp_with_tokens_passes_gradcheck_and_rejects_row_major_x(monkeypatch) -> None:
+    """Finite differences through gather, chunked experts and sum; x must then be token-major [T, D]."""
+    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 12)
+    splits = [2, 0, 3]
+    tokens = _token_rows(4, splits, seed=1)
+    x, w_in, w_out, w = _leaf(4, 3), _leaf(3, 4, 3), _leaf(3, 3, 2), _leaf(5)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: grouped_mlp(a, b, c, splits, "swiglu", row_weights=d, tokens=tokens), (x, w_in, w_out, w))
+    with pytest.raises(ValueError, match=r"token-major \[T=4, D\]"):
+        grouped_mlp(_leaf(5, 3), w_in, w_out, splits, tokens=tokens)
+
+
+def test_grouped_experts_with_tokens_agree_across_impls() -> None:
+    """GroupedExperts(tokens=): the fused loop and the gather / bmm / combine fallback give the same [T, D]."""
+    tokens = _token_rows(6, SPLITS, seed=5)
+    experts = GroupedExperts(len(SPLITS), 4, 3).double()
+    x, w = torch.randn(6, 4, dtype=torch.float64), torch.rand(sum(SPLITS), dtype=torch.float64)
+    counts = torch.tensor(SPLITS)
+    assert experts.gathers_rows(x)
+    fused = experts(x, counts, SPLITS, w, tokens=tokens)
+    experts.impl = "bmm"
+    assert not experts.gathers_rows(x)
+    torch.testing.assert_close(experts(x, counts, SPLITS, w, tokens=tokens), fused, rtol=1e-12, atol=1e-12)

@@ -10,42 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from moeflow.ops.rows import TokenRows
 from moeflow.routing.base import Routing
-
-
-class _CombineRows(torch.autograd.Function):
-    """out[t] = sum of w_r * y_r over the rows r of token t, with a hand-written backward.
-
-    Autograd through `y * w` then a scatter would keep an extra [R, D] product and build its gradients from
-    an expanded copy; here the backward is one gather of the output gradient, reused in place. With w = None the
-    rows arrive already weighted (the experts applied the weights) and nothing is saved but the token ids.
-    """
-
-    @staticmethod
-    def forward(ctx, y_RD: Tensor, w_R: Tensor | None, rows: TokenRows) -> Tensor:  # type: ignore[override]
-        """Weighted sum of each token's rows (a gather-sum over the token's bag of rows: deterministic)."""
-        ctx.weighted = w_R is not None
-        token_ids_R = rows.token_ids_R
-        ctx.save_for_backward(*((y_RD, w_R, token_ids_R) if ctx.weighted else (token_ids_R,)))
-        yw_RD = y_RD * w_R.unsqueeze(1) if ctx.weighted else y_RD
-        return rows.sum(yw_RD)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        """d/dy_r = w_r * g[t_r]; d/dw_r = <g[t_r], y_r>."""
-        if not ctx.weighted:
-            (token_ids_R,) = ctx.saved_tensors
-            return g_TD.index_select(0, token_ids_R), None, None
-        y_RD, w_R, token_ids_R = ctx.saved_tensors
-        g_RD = g_TD.index_select(0, token_ids_R)
-        # row dot products as mul + sum: 30% faster than linalg.vecdot on CPU (3.1 vs 4.5 ms at [8192, 512])
-        gw_R = (g_RD * y_RD).sum(1) if ctx.needs_input_grad[1] else None
-        gy_RD = g_RD.mul_(w_R.unsqueeze(1)) if ctx.needs_input_grad[0] else None
-        return gy_RD, gw_R, None
 
 
 @dataclass
@@ -82,6 +49,13 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, DispatchPlan]:
         """Gather the rows each expert must process, grouped by expert: ([R, D], plan)."""
+        plan = self.plan(routing)
+        if x_TD.device.type == "cpu":
+            return plan.token_rows().gather(x_TD), plan
+        return x_TD.index_select(0, plan.token_ids_R), plan
+
+    def plan(self, routing: Routing) -> DispatchPlan:
+        """The row order alone, for experts that gather their rows themselves (`DispatchPlan.token_rows`)."""
         expert_N = routing.expert_ids_N
         n = expert_N.numel()
         if routing.capacity is None and routing.routed_N.all():
@@ -95,9 +69,7 @@ class LocalDispatcher:
                             weights_R=routing.weights_N[assignment_R], counts_E=counts_E,
                             splits=counts_E.tolist(), num_tokens=routing.num_tokens, top_k=routing.top_k,
                             num_assignments=n)
-        if x_TD.device.type == "cpu":
-            return plan.token_rows().gather(x_TD), plan
-        return x_TD.index_select(0, token_ids_R), plan
+        return plan
 
     def row_weights(self, plan: DispatchPlan) -> Tensor:
         """The combine weight of each dispatched row, for experts that scale their outputs themselves."""
@@ -110,7 +82,7 @@ class LocalDispatcher:
         """
         w_R = None if weighted else plan.weights_R.to(y_RD.dtype)
         if y_RD.device.type == "cpu" or plan.top_k == 0:
-            return _CombineRows.apply(y_RD, w_R, plan.token_rows())
+            return plan.token_rows().combine(y_RD, w_R)
         # token-choice off CPU: put rows back in slot-major order and sum the K slots (CUDA's index_add uses
         # atomics, this does not: deterministic)
         yw_RD = y_RD if w_R is None else y_RD * w_R.unsqueeze(1)

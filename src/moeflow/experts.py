@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from moeflow.config import MoEConfig
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GATED, GradBuffers, grouped_mlp
+from moeflow.ops.rows import TokenRows
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -56,19 +57,32 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.d_hidden))
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor, splits: list[int] | None = None,
-                weights_R: Tensor | None = None) -> Tensor:
-        """Run expert e on its block of rows: [R, D] -> [R, D], each output row scaled by weights_R if given."""
-        impl = resolve_impl(x_RD, self.w_in, self.impl)
+    def gathers_rows(self, x: Tensor) -> bool:
+        """Whether forward(..., tokens=) runs fused here (dispatch gather and combine sum inside the expert kernel)."""
+        return resolve_impl(x, self.w_in, self.impl) == "loop"
+
+    def forward(self, x: Tensor, counts_E: Tensor, splits: list[int] | None = None,
+                weights_R: Tensor | None = None, tokens: TokenRows | None = None) -> Tensor:
+        """Run expert e on its block of rows: [R, D] -> [R, D], each output row scaled by weights_R if given.
+
+        With `tokens` (the dispatch's token <-> row map) x is token-major [T, D], and the result is each token's
+        sum of its (weighted) rows, [T, D]: fused into the expert kernel where `gathers_rows(x)`.
+        """
+        impl = resolve_impl(x, self.w_in, self.impl)
         if splits is None:
             splits = counts_E.tolist()
         if impl == "loop":
             # fused and chunked: no [R, H] / [R, F] temporaries besides the saved pre-activation (see grouped_mlp)
-            return grouped_mlp(x_RD, self.w_in, self.w_out, splits, self.activation, self.grad_buffers, weights_R)
+            return grouped_mlp(x, self.w_in, self.w_out, splits, self.activation, self.grad_buffers, weights_R,
+                               tokens)
+        x_RD = x if tokens is None else tokens.gather(x)
         h_RF = grouped_linear(x_RD, self.w_in, counts_E, splits, impl)
         a_RH = activate(h_RF, self.activation)
         y_RD = grouped_linear(a_RH, self.w_out, counts_E, splits, impl)
-        return y_RD if weights_R is None else y_RD * weights_R.to(y_RD.dtype).unsqueeze(1)
+        w_R = None if weights_R is None else weights_R.to(y_RD.dtype)
+        if tokens is not None:
+            return tokens.combine(y_RD, w_R)
+        return y_RD if w_R is None else y_RD * w_R.unsqueeze(1)
 
     def extra_repr(self) -> str:
         """Sizes for print(model)."""

@@ -113,15 +113,26 @@ class MoELayer(RecordsRouting, nn.Module):
 
     def dispatch_experts_combine(self, x_TD: Tensor, routing: Routing) -> Tensor:
         """The routed experts' weighted output for each token, [T, D] (zero where every assignment was dropped)."""
+        if isinstance(self.dispatcher, LocalDispatcher) and self.experts.gathers_rows(x_TD):
+            # the experts gather their rows and sum them back per token themselves (see grouped_mlp's `tokens`)
+            plan = self.dispatcher.plan(routing)
+            self._check_finite(x_TD, routing)
+            return self.experts(x_TD, plan.counts_E, plan.splits, plan.weights_R, tokens=plan.token_rows())
         x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        # NOTE: NaN/inf logits would route arbitrarily and steal capacity from healthy tokens, so fail loudly. The
-        # check runs after dispatch, whose host sync has already waited for the logits: it adds no extra stall.
-        # Compiled graphs skip it (it would be one more graph break); the trainer's finite-loss check remains.
-        if not torch.compiler.is_compiling() and not logits_finite(routing.logits_TE):
-            self._raise_non_finite(x_TD, routing)
+        self._check_finite(x_TD, routing)
         w_R = self.dispatcher.row_weights(plan)  # applied inside the expert kernel where the dispatcher allows
         y_RD = self.experts(x_RD, plan.counts_E, plan.splits, w_R)
         return self.dispatcher.combine(y_RD, plan, weighted=w_R is not None)
+
+    def _check_finite(self, x_TD: Tensor, routing: Routing) -> None:
+        """Raise if any router logit is NaN/inf.
+
+        NaN/inf logits would route arbitrarily and steal capacity from healthy tokens, so fail loudly. The check
+        runs after the dispatch plan, whose host sync has already waited for the logits: it adds no extra stall.
+        Compiled graphs skip it (it would be one more graph break); the trainer's finite-loss check remains.
+        """
+        if not torch.compiler.is_compiling() and not logits_finite(routing.logits_TE):
+            self._raise_non_finite(x_TD, routing)
 
     def _raise_non_finite(self, x_TD: Tensor, routing: Routing) -> None:
         """Explain which of the input or the router weights made the router logits non-finite."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moeflow.ops.rows import TokenRows
 from moeflow.ops.threads import parallel_items
 
 GATED = ("swiglu", "geglu")
@@ -48,6 +49,15 @@ def _blocks(splits: list[int], rows: int) -> list[tuple[int, list[tuple[int, int
 
 # Below this many multiply-adds per layer call the pool's hand-off costs more than it saves.
 _POOL_MIN_MACS = 1 << 22
+
+
+def _row_reader(x: Tensor, tokens: TokenRows | None) -> Callable[[int, int], Tensor]:
+    """Rows lo:hi of the expert-sorted rows: a slice of x, or (token-major x) those rows gathered from x."""
+    if tokens is None:
+        return lambda lo, hi: x[lo:hi]
+    # NOTE: gathered per chunk inside the worker, the rows land in its cache right before its GEMM reads them;
+    # a separate [R, D] gather would write them out to memory and read them back (twice: forward and backward)
+    return lambda lo, hi: x.index_select(0, tokens.token_ids_R[lo:hi])
 
 
 def _act_forward(h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
@@ -138,20 +148,25 @@ class _GroupedMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
+    def forward(ctx, x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
                 w_R: Tensor | None, splits: list[int], activation: str, keep: bool,
-                grad_buffers: GradBuffers | None) -> Tensor:
-        """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T (times w per row if given); `keep`: save h."""
+                grad_buffers: GradBuffers | None, tokens: TokenRows | None) -> Tensor:
+        """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T (times w per row if given); `keep`: save h.
+
+        With `tokens`, x is token-major [T, D]: each chunk gathers its rows itself and the rows' outputs are
+        summed back into their tokens, [T, D].
+        """
         rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
-        y_RD = x_RD.new_empty(x_RD.shape[0], w_out_EDH.shape[1])
+        y_RD = x.new_empty(sum(splits), w_out_EDH.shape[1])
         blocks = _blocks(splits, rows)
         h_blocks: list[list[Tensor]] = [[] for _ in blocks]
+        read = _row_reader(x, tokens)
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s FFN, chunk by chunk, into its rows of y."""
             e, spans = blocks[i]
             for lo, hi in spans:
-                h = torch.mm(x_RD[lo:hi], w_in_EFD[e].t())
+                h = torch.mm(read(lo, hi), w_in_EFD[e].t())
                 a, _ = _act_forward(h, activation)
                 torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
                 if w_R is not None:
@@ -159,23 +174,25 @@ class _GroupedMLP(torch.autograd.Function):
                 if keep:
                     h_blocks[i].append(h)
 
-        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x_RD.is_cpu)
+        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x.is_cpu)
         ctx.weighted = w_R is not None
-        ctx.save_for_backward(x_RD, w_in_EFD, w_out_EDH, w_R if ctx.weighted else x_RD.new_empty(0),
+        ctx.save_for_backward(x, w_in_EFD, w_out_EDH, w_R if ctx.weighted else x.new_empty(0),
                               *(h for hs in h_blocks for h in hs))
-        ctx.splits, ctx.activation, ctx.rows = splits, activation, rows
+        ctx.splits, ctx.activation, ctx.rows, ctx.tokens = splits, activation, rows, tokens
         ctx.grad_buffers = grad_buffers if grad_buffers is not None else GradBuffers()
-        return y_RD
+        return y_RD if tokens is None else tokens.sum(y_RD)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_RD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """Per chunk: recompute act(h), then the gradients of the row weights, w_out, h, w_in and x in turn."""
-        x_RD, w_in_EFD, w_out_EDH, w_R, *h_chunks = ctx.saved_tensors
+        x, w_in_EFD, w_out_EDH, w_R, *h_chunks = ctx.saved_tensors
         w_R = w_R if ctx.weighted else None
+        tokens: TokenRows | None = ctx.tokens
         need_x, need_w_in, need_w_out, need_w = ctx.needs_input_grad[:4]
-        g_RD = g_RD.contiguous()
-        gx_RD = torch.empty_like(x_RD) if need_x else None
+        g_RD = g_RD.contiguous()  # [T, D] with tokens
+        read_x, read_g = _row_reader(x, tokens), _row_reader(g_RD, tokens)
+        gx_RD = x.new_empty(sum(ctx.splits), x.shape[1]) if need_x else None
         # uninitialised: each expert's first chunk overwrites its block; experts without rows are zeroed below
         gw_in = ctx.grad_buffers.empty_like("w_in", w_in_EFD) if need_w_in else None
         gw_out = ctx.grad_buffers.empty_like("w_out", w_out_EDH) if need_w_out else None
@@ -189,7 +206,7 @@ class _GroupedMLP(torch.autograd.Function):
             """Expert blocks[i]'s gradients; its weight gradients summed over its chunks."""
             e, spans = blocks[i]
             for j, (lo, hi) in enumerate(spans):
-                g, x, h = g_RD[lo:hi], x_RD[lo:hi], h_chunks[first_chunk[i] + j]
+                g, x_c, h = read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j]
                 a, act_gate = _act_forward(h, ctx.activation)
                 grad_a = torch.mm(g, w_out_EDH[e])
                 if w_R is not None:  # y_r = w_r * u_r with u_r = a_r @ w_out^T: d/dw_r = <g_r, u_r> = <g_r w_out, a_r>
@@ -202,52 +219,62 @@ class _GroupedMLP(torch.autograd.Function):
                     _mm_into(gw_out[e], g.t(), a, j > 0)
                 grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
                 if gw_in is not None:
-                    _mm_into(gw_in[e], grad_h.t(), x, j > 0)
+                    _mm_into(gw_in[e], grad_h.t(), x_c, j > 0)
                 if gx_RD is not None:
                     torch.mm(grad_h, w_in_EFD[e], out=gx_RD[lo:hi])
 
-        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x_RD.is_cpu)
+        parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x.is_cpu)
         for e, n in enumerate(ctx.splits):
             if n == 0:
                 for gw in (gw_in, gw_out):
                     if gw is not None:
                         gw[e].zero_()
-        return gx_RD, gw_in, gw_out, gw_R, None, None, None, None
+        gx = gx_RD if gx_RD is None or tokens is None else tokens.sum(gx_RD)
+        return gx, gw_in, gw_out, gw_R, None, None, None, None, None
 
 
-def grouped_mlp(x_RD: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
-                grad_buffers: GradBuffers | None = None, row_weights: Tensor | None = None) -> Tensor:
+def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
+                grad_buffers: GradBuffers | None = None, row_weights: Tensor | None = None,
+                tokens: TokenRows | None = None) -> Tensor:
     """Expert e's FFN on its block of rows, fused and chunked, with a hand-written backward: [R, D] -> [R, D].
 
     Args:
-        x_RD: rows sorted by expert; block e has splits[e] rows.
+        x: rows sorted by expert, [R, D]; block e has splits[e] rows. With `tokens`: token-major [T, D].
         w_in_EFD, w_out_EDH: stacked expert weights (gated activations: gate rows, then up rows of w_in).
         splits: rows per expert, as Python ints.
         activation: "swiglu" | "geglu" | "relu" | "gelu" | "silu".
         grad_buffers: the owning module's GradBuffers, to reuse the weight-gradient memory across steps.
         row_weights: [R] combine weights to scale each output row by (differentiable). Applying them here, on
             cache-hot chunks spread over the expert workers, saves the combine a pass over [R, D] each way.
+        tokens: the dispatch's token <-> row map. Given, the experts read row r from x[tokens.token_ids_R[r]]
+            and return each token's summed rows, [T, D]: dispatch, experts and combine in one op, with no [R, D]
+            copy of the inputs (forward) or of the output gradient (backward).
     """
     gated = activation in GATED
     if activation not in _ACTS and not gated:
         raise ValueError(f"grouped_mlp: unknown activation {activation!r}; use one of {GATED + tuple(_ACTS)}")
-    if x_RD.shape[1] != w_in_EFD.shape[2] or w_in_EFD.shape[1] != (2 if gated else 1) * w_out_EDH.shape[2] \
-            or w_out_EDH.shape[:2] != (w_in_EFD.shape[0], x_RD.shape[1]):
-        raise ValueError(f"grouped_mlp: shapes do not fit: x {tuple(x_RD.shape)}, w_in {tuple(w_in_EFD.shape)}, "
+    if x.dim() != 2 or x.shape[1] != w_in_EFD.shape[2] \
+            or w_in_EFD.shape[1] != (2 if gated else 1) * w_out_EDH.shape[2] \
+            or w_out_EDH.shape[:2] != (w_in_EFD.shape[0], x.shape[1]):
+        raise ValueError(f"grouped_mlp: shapes do not fit: x {tuple(x.shape)}, w_in {tuple(w_in_EFD.shape)}, "
                          f"w_out {tuple(w_out_EDH.shape)} with activation {activation!r}")
-    if len(splits) != w_in_EFD.shape[0] or sum(splits) != x_RD.shape[0]:
+    num_rows = x.shape[0] if tokens is None else tokens.token_ids_R.numel()
+    if tokens is not None and x.shape[0] != tokens.num_tokens:
+        raise ValueError(f"grouped_mlp: with `tokens`, x must be token-major [T={tokens.num_tokens}, D], got "
+                         f"{tuple(x.shape)}")
+    if len(splits) != w_in_EFD.shape[0] or sum(splits) != num_rows:
         raise ValueError(f"grouped_mlp: splits {splits} must have one entry per expert ({w_in_EFD.shape[0]}) and "
-                         f"sum to the number of rows ({x_RD.shape[0]})")
-    if row_weights is not None and row_weights.shape != (x_RD.shape[0],):
-        raise ValueError(f"grouped_mlp: row_weights must be [R={x_RD.shape[0]}], got {tuple(row_weights.shape)}")
-    if torch.is_autocast_enabled(x_RD.device.type):
+                         f"sum to the number of rows ({num_rows})")
+    if row_weights is not None and row_weights.shape != (num_rows,):
+        raise ValueError(f"grouped_mlp: row_weights must be [R={num_rows}], got {tuple(row_weights.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
         # custom Functions and out= GEMMs are not autocast-aware: cast once here, then run plainly
-        dtype = torch.get_autocast_dtype(x_RD.device.type)
-        with torch.autocast(x_RD.device.type, enabled=False):
-            return grouped_mlp(x_RD.to(dtype), w_in_EFD.to(dtype), w_out_EDH.to(dtype), splits, activation,
-                               grad_buffers, None if row_weights is None else row_weights.to(dtype))
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_mlp(x.to(dtype), w_in_EFD.to(dtype), w_out_EDH.to(dtype), splits, activation,
+                               grad_buffers, None if row_weights is None else row_weights.to(dtype), tokens)
     if row_weights is not None:
-        row_weights = row_weights.to(x_RD.dtype).contiguous()
+        row_weights = row_weights.to(x.dtype).contiguous()
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x_RD, w_in_EFD, w_out_EDH, row_weights))
-    return _GroupedMLP.apply(x_RD, w_in_EFD, w_out_EDH, row_weights, splits, activation, keep, grad_buffers)
+                                           for t in (x, w_in_EFD, w_out_EDH, row_weights))
+    return _GroupedMLP.apply(x, w_in_EFD, w_out_EDH, row_weights, splits, activation, keep, grad_buffers, tokens)

