@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from moeflow import MoEConfig, MoELayer  # noqa: E402
+from moeflow.ops.grouped_mlp import GradBuffers  # noqa: E402
 from moeflow.ops.threads import parallel_items  # noqa: E402
 
 
@@ -155,7 +156,8 @@ class _GemmsOnly(torch.autograd.Function):
     the forward's pre-activation stands in for d(pre-activation) so that every GEMM sees real-valued operands."""
 
     @staticmethod
-    def forward(ctx, x_RD: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x_RD: Tensor, w_in: Tensor, w_out: Tensor,  # type: ignore[override]
+                grad_buffers: GradBuffers) -> Tensor:
         """Per expert: h = x W_in^T, y = h[:, :H] W_out^T."""
         e, hid = w_in.shape[0], w_out.shape[2]
         bounds = [x_RD.shape[0] * i // e for i in range(e + 1)]
@@ -169,17 +171,19 @@ class _GemmsOnly(torch.autograd.Function):
 
         parallel_items(expert, [bounds[i + 1] - bounds[i] for i in range(e)])
         ctx.save_for_backward(x_RD, w_in, w_out, h_RF)
-        ctx.bounds = bounds
+        ctx.bounds, ctx.grad_buffers = bounds, grad_buffers
         return y_RD
 
     @staticmethod
-    def backward(ctx, g_RD: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, g_RD: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
         """Per expert: d a, d W_out, d W_in, d x."""
         x_RD, w_in, w_out, h_RF = ctx.saved_tensors
         bounds, hid = ctx.bounds, w_out.shape[2]
         g_RD = g_RD.contiguous()
         ga_RH, gx_RD = x_RD.new_empty(x_RD.shape[0], hid), torch.empty_like(x_RD)
-        gw_in, gw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+        # the weight-gradient memory is reused across steps, as moeflow's experts do (fresh 100 MB would fault in)
+        gw_in = ctx.grad_buffers.empty_like("w_in", w_in)
+        gw_out = ctx.grad_buffers.empty_like("w_out", w_out)
 
         def expert(i: int) -> None:
             rows = slice(bounds[i], bounds[i + 1])
@@ -189,7 +193,7 @@ class _GemmsOnly(torch.autograd.Function):
             torch.mm(h_RF[rows], w_in[i], out=gx_RD[rows])
 
         parallel_items(expert, [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)])
-        return gx_RD, gw_in, gw_out
+        return gx_RD, gw_in, gw_out, None
 
 
 class ExpertGemmsOnly(nn.Module):
@@ -200,10 +204,11 @@ class ExpertGemmsOnly(nn.Module):
         super().__init__()
         self.w_in = nn.Parameter(torch.randn(num_experts, 2 * d_hidden, d_model) / d_model ** 0.5)
         self.w_out = nn.Parameter(torch.randn(num_experts, d_model, d_hidden) / d_hidden ** 0.5)
+        self.grad_buffers = GradBuffers()
 
     def forward(self, x_RD: Tensor) -> Tensor:
         """[T*k, D] -> [T*k, D] through the expert GEMMs alone."""
-        return _GemmsOnly.apply(x_RD, self.w_in, self.w_out)
+        return _GemmsOnly.apply(x_RD, self.w_in, self.w_out, self.grad_buffers)
 
 
 def build(shape: Shape, impls: list[str], tokens: int, seed: int = 0) -> dict[str, tuple[nn.Module, Tensor]]:

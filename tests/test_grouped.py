@@ -262,3 +262,23 @@ def test_grouped_experts_with_tokens_agree_across_impls() -> None:
     experts.impl = "bmm"
     assert not experts.gathers_rows(x)
     torch.testing.assert_close(experts(x, counts, SPLITS, w, tokens=tokens), fused, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_scripted_and_plain_chunk_kernels_agree_bitwise(activation, monkeypatch) -> None:
+    """The TorchScript chunk kernels are compiled here (a silent fallback would cost speed) and give the same bits
+    as the same functions run as plain Python, forward and every gradient, tokens and row weights included."""
+    scripted = grouped_mlp_mod._kernels()
+    assert all(isinstance(k, torch.jit.ScriptFunction) for k in scripted)
+    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 40)
+    tokens = _token_rows(6, SPLITS, seed=2)
+    f = 6 if activation in ("swiglu", "geglu") else 3
+    x, w_in, w_out, w = _leaf(6, 4), _leaf(len(SPLITS), f, 4), _leaf(len(SPLITS), 4, 3), _leaf(sum(SPLITS))
+    g = torch.randn(6, 4, dtype=torch.float64)
+    results = []
+    for kernels in (scripted, (grouped_mlp_mod._chunk_forward, grouped_mlp_mod._chunk_backward)):
+        monkeypatch.setattr(grouped_mlp_mod, "_SCRIPTED", kernels)
+        y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w, tokens=tokens)
+        results.append((y, *_grads(y, [x, w_in, w_out, w], g)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

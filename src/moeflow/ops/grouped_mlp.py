@@ -12,7 +12,10 @@ activation and all its gradients exist for one chunk (an expert's block, split p
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterator
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +26,7 @@ from moeflow.ops.rows import TokenRows
 from moeflow.ops.threads import parallel_items
 
 GATED = ("swiglu", "geglu")
-_GATE_ACT = {"swiglu": "silu", "geglu": "gelu"}
-_aten = torch.ops.aten
-# name -> (forward, backward(grad, input, out=)) of the elementwise nonlinearity (applied to the gate when gated)
-_ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]] = {
-    "silu": (F.silu, lambda g, h, out: _aten.silu_backward.grad_input(g, h, grad_input=out)),
-    "gelu": (F.gelu, lambda g, h, out: _aten.gelu_backward.grad_input(g, h, grad_input=out)),
-    "relu": (F.relu, lambda g, h, out: _aten.threshold_backward.grad_input(g, h, 0, grad_input=out)),
-}
+ACTIVATIONS = GATED + ("relu", "gelu", "silu")
 # Rows per chunk: at most 4M elements (16 MiB fp32) of pre-activation. Measured (benchmarks/layer.py A and D,
 # 1 thread): 64K-256K elements starve the GEMMs (each chunk re-streams the expert's weights; D 3.3x / 1.4x
 # slower), 2M-4M is best, 16M slower again; chunks under 32 MiB are recycled by glibc's heap, not page-faulted.
@@ -60,32 +56,56 @@ def _row_reader(x: Tensor, tokens: TokenRows | None) -> Callable[[int, int], Ten
     return lambda lo, hi: x.index_select(0, tokens.token_ids_R[lo:hi])
 
 
-def _act_forward(h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
-    """(act(h), act(gate)); the second, which the backward reuses, only for gated activations."""
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        act_gate = _ACTS[_GATE_ACT[activation]][0](gate)
-        return act_gate * up, act_gate
-    return _ACTS[activation][0](h), None
-
-
-def _act_backward(h: Tensor, act_gate: Tensor | None, grad_a: Tensor, activation: str) -> Tensor:
-    """d loss / d h for one chunk, from d loss / d act(h), written straight into one [rows, F] tensor."""
-    grad_h = torch.empty_like(h)
-    if activation not in GATED:
-        return _ACTS[activation][1](grad_a, h, grad_h)
-    gate, up = h.chunk(2, dim=-1)
-    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-    torch.mul(grad_a, act_gate, out=grad_up)
-    torch.mul(grad_a, up, out=grad_gate)  # d loss / d act(gate), then through act's derivative in place
-    _ACTS[_GATE_ACT[activation]][1](grad_gate, gate, grad_gate)
-    return grad_h
-
-
 def _costs(blocks: list[tuple[int, list[tuple[int, int]]]], w_in_EFD: Tensor) -> list[int]:
     """Multiply-adds of each block's forward (rows x F x D; the output projection is proportional)."""
     per_row = w_in_EFD.shape[1] * w_in_EFD.shape[2]
     return [(spans[-1][1] - spans[0][0]) * per_row for _, spans in blocks]
+
+
+# The per-chunk kernels below are written in the TorchScript subset: scripted (see `_kernels`), each chunk runs
+# as one call that holds the GIL once, instead of about 20 Python-level torch calls that each take it twice. With
+# two expert workers those hand-offs queue on the GIL; measured on config B of benchmarks/layer.py (2 cores),
+# the backward over 64 experts took 66.7 ms scripted vs 72.5 ms as plain Python (forward 36.1 vs 37.2 ms).
+
+
+def _activation(h: Tensor, activation: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """(act(h), act(gate)); the second, which the backward reuses, only for gated activations."""
+    if activation == "swiglu" or activation == "geglu":
+        half = h.shape[1] // 2
+        gate, up = h[:, :half], h[:, half:]
+        act_gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate)
+        return act_gate * up, act_gate
+    if activation == "relu":
+        return F.relu(h), None
+    if activation == "gelu":
+        return F.gelu(h), None
+    return F.silu(h), None
+
+
+def _nonlinearity_backward(grad: Tensor, x: Tensor, out: Tensor, name: str) -> None:
+    """out = d name(x) / d x * grad (out may alias grad)."""
+    if name == "silu":
+        torch.ops.aten.silu_backward(grad, x, grad_input=out)
+    elif name == "gelu":
+        torch.ops.aten.gelu_backward(grad, x, approximate="none", grad_input=out)
+    else:
+        torch.ops.aten.threshold_backward(grad, x, 0.0, grad_input=out)
+
+
+def _activation_backward(h: Tensor, act_gate: Optional[Tensor], grad_a: Tensor, activation: str) -> Tensor:
+    """d loss / d h for one chunk, from d loss / d act(h), written straight into one [rows, F] tensor."""
+    grad_h = torch.empty_like(h)
+    if activation == "swiglu" or activation == "geglu":
+        assert act_gate is not None
+        half = h.shape[1] // 2
+        gate, up = h[:, :half], h[:, half:]
+        grad_gate, grad_up = grad_h[:, :half], grad_h[:, half:]
+        torch.mul(grad_a, act_gate, out=grad_up)
+        torch.mul(grad_a, up, out=grad_gate)  # d loss / d act(gate), then through act's derivative in place
+        _nonlinearity_backward(grad_gate, gate, grad_gate, "silu" if activation == "swiglu" else "gelu")
+    else:
+        _nonlinearity_backward(grad_a, h, grad_h, activation)
+    return grad_h
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
@@ -94,6 +114,61 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         out.addmm_(a, b)
     else:
         torch.mm(a, b, out=out)
+
+
+def _chunk_forward(x: Tensor, w_in: Tensor, w_out: Tensor, y: Tensor, w: Optional[Tensor],
+                   activation: str) -> Tensor:
+    """y = act(x @ w_in^T) @ w_out^T for one chunk of one expert (times w per row if given); returns h."""
+    h = torch.mm(x, w_in.t())
+    a, _ = _activation(h, activation)
+    torch.mm(a, w_out.t(), out=y)
+    if w is not None:
+        y.mul_(w.unsqueeze(1))
+    return h
+
+
+def _chunk_backward(g: Tensor, x: Tensor, h: Tensor, w_in: Tensor, w_out: Tensor, w: Optional[Tensor],
+                    gw: Optional[Tensor], gw_in: Optional[Tensor], gw_out: Optional[Tensor], gx: Optional[Tensor],
+                    accumulate: bool, activation: str) -> None:
+    """One chunk's gradients: the row weights' (gw), w_out's and w_in's (summed into if `accumulate`), x's."""
+    a, act_gate = _activation(h, activation)
+    grad_a = torch.mm(g, w_out)
+    if w is not None:  # y_r = w_r * u_r with u_r = a_r @ w_out^T: d/dw_r = <g_r, u_r> = <g_r w_out, a_r>
+        w2 = w.unsqueeze(1)
+        if gw is not None:
+            torch.sum(grad_a * a, 1, out=gw)
+        grad_a.mul_(w2)
+        a.mul_(w2)  # `a` is a fresh tensor the activation's backward does not read
+    if gw_out is not None:
+        _mm_into(gw_out, g.t(), a, accumulate)
+    grad_h = _activation_backward(h, act_gate, grad_a, activation)
+    if gw_in is not None:
+        _mm_into(gw_in, grad_h.t(), x, accumulate)
+    if gx is not None:
+        torch.mm(grad_h, w_in, out=gx)
+
+
+_SCRIPTED: tuple[Callable[..., Tensor], Callable[..., None]] | None = None
+
+
+def _kernels() -> tuple[Callable[..., Tensor], Callable[..., None]]:
+    """(forward, backward) chunk kernels: TorchScript-compiled once, or the plain functions where that fails.
+
+    `MOEFLOW_SCRIPT=0` forces the plain functions (same results, bit for bit; tested).
+    """
+    global _SCRIPTED
+    if _SCRIPTED is None:
+        kernels: tuple[Callable[..., Tensor], Callable[..., None]] = (_chunk_forward, _chunk_backward)
+        if os.environ.get("MOEFLOW_SCRIPT", "1") != "0":
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch >= 2.10 marks torch.jit.script as deprecated
+                    kernels = (torch.jit.script(_chunk_forward), torch.jit.script(_chunk_backward))
+            except Exception as err:  # noqa: BLE001 (no TorchScript, no source files, a future torch without it)
+                warnings.warn(f"moeflow: expert kernels run as plain Python ({type(err).__name__}: {err})",
+                              RuntimeWarning, stacklevel=2)
+        _SCRIPTED = kernels
+    return _SCRIPTED
 
 
 class GradBuffers:
@@ -162,15 +237,14 @@ class _GroupedMLP(torch.autograd.Function):
         h_blocks: list[list[Tensor]] = [[] for _ in blocks]
         read = _row_reader(x, tokens)
 
+        chunk_forward = _kernels()[0]
+
         def expert(i: int) -> None:
             """Expert blocks[i]'s FFN, chunk by chunk, into its rows of y."""
             e, spans = blocks[i]
             for lo, hi in spans:
-                h = torch.mm(read(lo, hi), w_in_EFD[e].t())
-                a, _ = _act_forward(h, activation)
-                torch.mm(a, w_out_EDH[e].t(), out=y_RD[lo:hi])
-                if w_R is not None:
-                    y_RD[lo:hi].mul_(w_R[lo:hi, None])
+                h = chunk_forward(read(lo, hi), w_in_EFD[e], w_out_EDH[e], y_RD[lo:hi],
+                                  None if w_R is None else w_R[lo:hi], activation)
                 if keep:
                     h_blocks[i].append(h)
 
@@ -202,26 +276,17 @@ class _GroupedMLP(torch.autograd.Function):
         for _, spans in blocks:
             first_chunk.append(first_chunk[-1] + len(spans))
 
+        chunk_backward = _kernels()[1]
+
         def expert(i: int) -> None:
             """Expert blocks[i]'s gradients; its weight gradients summed over its chunks."""
             e, spans = blocks[i]
             for j, (lo, hi) in enumerate(spans):
-                g, x_c, h = read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j]
-                a, act_gate = _act_forward(h, ctx.activation)
-                grad_a = torch.mm(g, w_out_EDH[e])
-                if w_R is not None:  # y_r = w_r * u_r with u_r = a_r @ w_out^T: d/dw_r = <g_r, u_r> = <g_r w_out, a_r>
-                    w = w_R[lo:hi, None]
-                    if gw_R is not None:
-                        torch.sum(grad_a * a, 1, out=gw_R[lo:hi])
-                    grad_a.mul_(w)
-                    a.mul_(w)  # `a` is a fresh tensor the activation's backward does not read
-                if gw_out is not None:
-                    _mm_into(gw_out[e], g.t(), a, j > 0)
-                grad_h = _act_backward(h, act_gate, grad_a, ctx.activation)
-                if gw_in is not None:
-                    _mm_into(gw_in[e], grad_h.t(), x_c, j > 0)
-                if gx_RD is not None:
-                    torch.mm(grad_h, w_in_EFD[e], out=gx_RD[lo:hi])
+                chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_EFD[e],
+                               w_out_EDH[e], None if w_R is None else w_R[lo:hi],
+                               None if gw_R is None else gw_R[lo:hi], None if gw_in is None else gw_in[e],
+                               None if gw_out is None else gw_out[e], None if gx_RD is None else gx_RD[lo:hi],
+                               j > 0, ctx.activation)
 
         parallel_items(expert, _costs(blocks, w_in_EFD), _POOL_MIN_MACS, cpu=x.is_cpu)
         for e, n in enumerate(ctx.splits):
@@ -251,8 +316,8 @@ def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int
             copy of the inputs (forward) or of the output gradient (backward).
     """
     gated = activation in GATED
-    if activation not in _ACTS and not gated:
-        raise ValueError(f"grouped_mlp: unknown activation {activation!r}; use one of {GATED + tuple(_ACTS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"grouped_mlp: unknown activation {activation!r}; use one of {ACTIVATIONS}")
     if x.dim() != 2 or x.shape[1] != w_in_EFD.shape[2] \
             or w_in_EFD.shape[1] != (2 if gated else 1) * w_out_EDH.shape[2] \
             or w_out_EDH.shape[:2] != (w_in_EFD.shape[0], x.shape[1]):
