@@ -116,3 +116,21 @@ def test_patch_refuses_models_without_moe() -> None:
                                                                    num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(TypeError, match="no supported MoE block"):
         moeflow.patch_hf(dense)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_run_experts_with_tokens_equals_gather_experts_combine(act: str) -> None:
+    """run_experts(tokens=) (fused for silu; gather, HF activation, combine for tanh-GELU) == the three steps."""
+    model = moeflow.patch_hf(hf_model("mixtral", hidden_act=act).train())
+    block = next(m for m in model.modules() if isinstance(m, PatchedMoE))
+    x = torch.randn(10, model.config.hidden_size, requires_grad=True)
+    routing = block.route(x.view(1, 10, -1))
+    plan = block.dispatcher.plan(routing)
+    assert block.gathers_rows(x) == (act == "silu")
+    fused = block.run_experts(x, plan.splits, plan.counts_E, plan.weights_R, tokens=plan.token_rows())
+    x_RD, plan = block.dispatcher.dispatch(x, routing)
+    steps = block.dispatcher.combine(block.run_experts(x_RD, plan.splits, plan.counts_E), plan)
+    torch.testing.assert_close(fused, steps, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(fused)
+    torch.testing.assert_close(torch.autograd.grad(fused, x, g, retain_graph=True)[0], torch.autograd.grad(steps, x, g)[0],
+                               rtol=1e-5, atol=1e-6)

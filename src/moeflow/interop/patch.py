@@ -32,6 +32,7 @@ from moeflow.dispatch import LocalDispatcher
 from moeflow.layers import RecordsRouting
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
+from moeflow.ops.rows import TokenRows
 from moeflow.routing import Routing
 from moeflow.routing.deepseek import update_balance_bias
 
@@ -105,15 +106,25 @@ class PatchedMoE(RecordsRouting, nn.Module):
         act = _plain_activation(self.experts.act_fn)
         return {"silu": "swiglu", "gelu": "geglu"}.get(act or "")
 
-    def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor, weights_R: Tensor | None = None) -> Tensor:
+    def gathers_rows(self, x: Tensor) -> bool:
+        """Whether run_experts(..., tokens=) runs fused here (the grouped MLP gathers and sums rows itself)."""
+        return self.fused_activation() is not None and resolve_impl(x, self.expert_weights()[0], "auto") == "loop"
+
+    def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor, weights_R: Tensor | None = None,
+                    tokens: TokenRows | None = None) -> Tensor:
         """Every expert on its block of rows, each output row scaled by weights_R if given: on CPU the fused, chunked
         grouped MLP; where torch._grouped_mm runs, or for an activation that is not a plain silu/gelu/relu, two
-        grouped matmuls around HF's activation."""
+        grouped matmuls around HF's activation. With `tokens`, x is token-major [T, D] and the result is each
+        token's sum of its weighted rows, [T, D]."""
         w_in, w_out = self.expert_weights()
         impl = resolve_impl(x_RD, w_in, "auto")  # torch._grouped_mm where it runs (CUDA bf16), else the loop
         act = self.fused_activation()
         if act is not None and impl == "loop":
-            return grouped_mlp(x_RD, w_in, w_out, splits, act, grad_buffers=self.grad_buffers, row_weights=weights_R)
+            return grouped_mlp(x_RD, w_in, w_out, splits, act, grad_buffers=self.grad_buffers, row_weights=weights_R,
+                               tokens=tokens)
+        if tokens is not None:
+            y_RD = self.run_experts(tokens.gather(x_RD), splits, counts_E)
+            return tokens.combine(y_RD, None if weights_R is None else weights_R.to(y_RD.dtype))
         h_RF = grouped_linear(x_RD, w_in, counts_E, splits, impl)
         if self.arch == "switch_transformers":
             e0 = self.experts["expert_0"]
@@ -131,10 +142,15 @@ class PatchedMoE(RecordsRouting, nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.route(x)
-        x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        w_R = self.dispatcher.row_weights(plan)
-        y_RD = self.run_experts(x_RD, plan.splits, plan.counts_E, w_R)
-        y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None).to(x.dtype)
+        if self.gathers_rows(x_TD):  # dispatch and combine fused into the expert kernel
+            plan = self.dispatcher.plan(routing)
+            y_TD = self.run_experts(x_TD, plan.splits, plan.counts_E, plan.weights_R,
+                                    tokens=plan.token_rows()).to(x.dtype)
+        else:
+            x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
+            w_R = self.dispatcher.row_weights(plan)
+            y_RD = self.run_experts(x_RD, plan.splits, plan.counts_E, w_R)
+            y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None).to(x.dtype)
         if self.arch == "qwen2_moe":
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         elif self.arch == "deepseek_v3":
