@@ -17,6 +17,7 @@ from moeflow import GroupedExperts
 from moeflow.experts import activate
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
+from moeflow.ops.rows import TokenRows
 
 SPLITS = [3, 0, 5, 1, 0]
 ACTIVATIONS = ["swiglu", "geglu", "relu", "gelu", "silu"]
@@ -207,9 +208,8 @@ def test_grad_buffers_follow_shape_and_dtype() -> None:
     assert b.shape == (3, 2) and b.dtype == torch.float64
 
 
-def _token_rows(num_tokens: int, splits: list[int], seed: int) -> "TokenRows":
+def _token_rows(num_tokens: int, splits: list[int], seed: int) -> TokenRows:
     """A random token <-> row map: each row reads a random token (some tokens have none, some several)."""
-    from moeflow.ops.rows import TokenRows
     gen = torch.Generator().manual_seed(seed)
     return TokenRows.from_token_ids(torch.randint(0, num_tokens, (sum(splits),), generator=gen), num_tokens)
 

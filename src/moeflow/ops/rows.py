@@ -30,14 +30,14 @@ class TokenRows:
     num_tokens: int
 
     @classmethod
-    def from_token_ids(cls, token_ids_R: Tensor, num_tokens: int) -> "TokenRows":
+    def from_token_ids(cls, token_ids_R: Tensor, num_tokens: int) -> TokenRows:
         """The general map: any number of rows per token (capacity drops, expert choice)."""
         order_R = torch.argsort(token_ids_R, stable=True)  # stable: each token's rows stay ascending
         counts_T = torch.bincount(token_ids_R, minlength=num_tokens)
         return cls(token_ids_R, order_R, torch.cumsum(counts_T, 0) - counts_T, num_tokens)
 
     @classmethod
-    def from_slot_major(cls, token_ids_R: Tensor, assignment_R: Tensor, top_k: int, num_tokens: int) -> "TokenRows":
+    def from_slot_major(cls, token_ids_R: Tensor, assignment_R: Tensor, top_k: int, num_tokens: int) -> TokenRows:
         """Every token has exactly K rows, row r holding assignment n = s*T + t (token-choice routing, no drops)."""
         r = assignment_R.numel()
         row_N = torch.empty_like(assignment_R)
