@@ -11,15 +11,7 @@ from moeflow.config import MoEConfig
 from moeflow.dispatch import LocalDispatcher
 from moeflow.experts import GATED, GroupedExperts, activate
 from moeflow.routing import Routing, build_router
-
-
-def logits_finite(logits_TE: Tensor) -> bool:
-    """True when every logit is finite (one host sync)."""
-    if logits_TE.numel() == 0:
-        return True
-    # NOTE: min and max in one pass, NaN-propagating: 6x cheaper than isfinite().all() (0.15 vs 0.9 ms, [4096, 64])
-    lo, hi = torch.aminmax(logits_TE)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+from moeflow.routing.base import logits_finite, non_finite_message
 
 
 class FFN(nn.Module):
@@ -136,9 +128,4 @@ class MoELayer(RecordsRouting, nn.Module):
 
     def _raise_non_finite(self, x_TD: Tensor, routing: Routing) -> None:
         """Explain which of the input or the router weights made the router logits non-finite."""
-        bad_tokens = int((~torch.isfinite(routing.logits_TE).all(-1)).sum())
-        bad_inputs = int((~torch.isfinite(x_TD).all(-1)).sum())
-        cause = (f"{bad_inputs} input tokens contain NaN/inf (check the previous layer)" if bad_inputs
-                 else "the router weights contain NaN/inf or overflow (check the learning rate and the last update)")
-        raise FloatingPointError(f"MoELayer: {bad_tokens} of {routing.num_tokens} tokens have non-finite router "
-                                 f"logits; {cause}")
+        raise FloatingPointError(f"MoELayer: {non_finite_message(x_TD, routing)}")

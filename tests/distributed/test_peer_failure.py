@@ -86,3 +86,38 @@ def test_peer_failure_raises_within_timeout(how: str, tmp_path: Path) -> None:
     assert got["barrier"] is not None and "ranks [1] did not reach 'post-failure barrier'" in got["barrier"], got
     assert 1.5 < got["barrier_elapsed"] < 10, got
     assert wall < 90
+
+
+def _nan_worker(rank: int, world: int, mode: str) -> dict:
+    """EP=2: at step 1 rank 1's input holds a NaN. Every rank must raise FloatingPointError at once (no rank left
+    waiting in an all-to-all), and a clean step afterwards must still work on the same process group."""
+    dims = init_distributed(ep=2, timeout_s=GROUP_TIMEOUT_S)
+    torch.manual_seed(0)
+    cf = 2.0 if mode == "padded" else None
+    layer = parallelize(MoELayer(MoEConfig(d_model=8, d_hidden=6, num_experts=4, top_k=2, capacity_factor=cf)),
+                        dims, mode=mode)
+    out: dict = {}
+    for step in range(3):
+        x = torch.randn(6, 8, requires_grad=True)
+        if step == 1 and rank == 1:
+            x.data[2, 3] = float("nan")
+        t0 = time.monotonic()
+        try:
+            layer(x).square().mean().backward()
+            out.setdefault("clean_steps", []).append(step)
+        except FloatingPointError as exc:
+            out["error"], out["error_step"], out["elapsed"] = str(exc), step, time.monotonic() - t0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["variable", "padded", "dedup"])
+def test_nan_on_one_ep_rank_stops_every_rank_together(mode: str) -> None:
+    """Both ranks raise at step 1, fast (not after the 3 s group timeout); the bad rank explains its cause, the
+    other names the bad rank; step 2 runs cleanly on both."""
+    results = run_world(_nan_worker, 2, mode, timeout_s=90, pg_timeout_s=GROUP_TIMEOUT_S)
+    for rank, got in enumerate(results):
+        assert got.get("error_step") == 1 and got["clean_steps"] == [0, 2], f"rank {rank}: {got}"
+        assert got["elapsed"] < GROUP_TIMEOUT_S / 2, f"rank {rank} waited {got['elapsed']:.1f} s"
+    assert "EP peer rank(s) [1] have non-finite router logits" in results[0]["error"]
+    assert "1 of 6 tokens have non-finite router logits; 1 input tokens contain NaN" in results[1]["error"]
+    assert "all 2 ranks of the EP group stop here" in results[1]["error"]

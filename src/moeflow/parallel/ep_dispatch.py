@@ -33,7 +33,7 @@ from torch import Tensor
 from moeflow.dispatch import DispatchPlan, LocalDispatcher
 from moeflow.parallel.collectives import all_to_all, exchange_counts
 from moeflow.parallel.groups import ParallelDims
-from moeflow.routing.base import Routing
+from moeflow.routing.base import Routing, non_finite_flag, non_finite_message
 
 MODES = ("auto", "variable", "padded", "dedup")
 
@@ -106,20 +106,44 @@ class AllToAllDispatcher:
             raise ValueError(f"{self.name}: routing has {routing.num_experts} experts, dispatcher expects "
                              f"{self.num_experts}")
         mode = self._mode(routing)
+        # every rank learns whether any peer's logits are NaN/inf before the rows move, and all of them raise
+        # together: a rank that raised alone would leave its peers waiting in the next all-to-all until timeout
+        bad = non_finite_flag(routing.logits_TE)
+        health = (x_TD, routing)
         if mode == "dedup":
-            return self._dispatch_dedup(x_TD, routing)
+            return self._dispatch_dedup(x_TD, routing, bad)
         x_SD, inner = self.inner.dispatch(x_TD, routing)
         if mode == "variable":
-            return self._dispatch_variable(x_SD, inner)
+            return self._dispatch_variable(x_SD, inner, bad, health)
+        p = self.dims.ep
+        flags = exchange_counts(bad.expand(p, 1), self.dims.ep_group, self.dims, f"{self.name}: all_to_all(health)")
+        self._raise_if_unhealthy(flags.view(-1).tolist(), *health)
         return self._dispatch_padded(x_SD, inner, routing.capacity * self.num_groups, routing.capacity)
 
-    def _dispatch_variable(self, x_SD: Tensor, inner: DispatchPlan) -> tuple[Tensor, EPDispatchPlan]:
+    def _raise_if_unhealthy(self, flags: list[int], x_TD: Tensor, routing: Routing) -> None:
+        """Raise FloatingPointError on every rank if any EP peer (flags[j] != 0) has non-finite router logits."""
+        bad = [j for j, f in enumerate(flags) if f]
+        if not bad:
+            return
+        ranks = [self.dims.ep_ranks()[j] for j in bad]
+        where = f"{self.name} (rank {self.dims.rank})"
+        if flags[self.dims.ep_rank]:
+            raise FloatingPointError(f"{where}: {non_finite_message(x_TD, routing)}; all {len(flags)} ranks of the "
+                                     f"EP group stop here (ranks with non-finite logits: {ranks})")
+        raise FloatingPointError(f"{where}: EP peer rank(s) {ranks} have non-finite router logits (their error says "
+                                 "why); this rank stops too, so that no rank waits for the others")
+
+    def _dispatch_variable(self, x_SD: Tensor, inner: DispatchPlan, bad: Tensor,
+                           health: tuple[Tensor, Routing]) -> tuple[Tensor, EPDispatchPlan]:
         """Exact rows, variable splits."""
         p, n_local, d = self.dims.ep, len(self.local), x_SD.shape[1]
         send = [sum(inner.splits[j * n_local:(j + 1) * n_local]) for j in range(p)]
-        recv_PL = exchange_counts(inner.counts_E.view(p, n_local), self.dims.ep_group, self.dims,
-                                  f"{self.name}: all_to_all(counts)")
-        recv_rows = recv_PL.tolist()
+        # the health flag rides along with the counts as one more column: no extra collective
+        both = exchange_counts(torch.cat([inner.counts_E.view(p, n_local), bad.expand(p, 1)], 1),
+                               self.dims.ep_group, self.dims, f"{self.name}: all_to_all(counts)")
+        both_rows = both.tolist()
+        self._raise_if_unhealthy([r[n_local] for r in both_rows], *health)
+        recv_PL, recv_rows = both[:, :n_local], [r[:n_local] for r in both_rows]
         recv = [sum(r) for r in recv_rows]
         x_recv = all_to_all(x_SD, recv, send, self.dims.ep_group, self.dims, f"{self.name}: all_to_all(dispatch)")
         order_R, counts_L, splits = self._expert_major(recv_PL, recv_rows, x_SD.device)
@@ -158,7 +182,7 @@ class AllToAllDispatcher:
         return x_RD, EPDispatchPlan("padded", counts_L, [p * slots] * n_local, inner, block, block,
                                     slot_S=slot_S, slots=slots)
 
-    def _dispatch_dedup(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, EPDispatchPlan]:
+    def _dispatch_dedup(self, x_TD: Tensor, routing: Routing, bad: Tensor) -> tuple[Tensor, EPDispatchPlan]:
         """One row per (token, destination rank); per-row local indices and weights travel alongside."""
         p, n_local, d = self.dims.ep, len(self.local), x_TD.shape[1]
         group, dims, dev = self.dims.ep_group, self.dims, x_TD.device
@@ -169,8 +193,9 @@ class AllToAllDispatcher:
         key_U, inv_S = torch.unique(dest_S * t + inner.token_ids_R, sorted=True, return_inverse=True)
         send_u_P = torch.bincount(key_U // t, minlength=p)
         local_idx_S = inv_S - (torch.cumsum(send_u_P, 0) - send_u_P)[dest_S]  # index within its rank's block
-        both = exchange_counts(torch.cat([inner.counts_E.view(p, n_local), send_u_P.unsqueeze(1)], 1), group,
-                               dims, f"{self.name}: all_to_all(counts)").tolist()
+        both = exchange_counts(torch.cat([inner.counts_E.view(p, n_local), send_u_P.unsqueeze(1), bad.expand(p, 1)],
+                                         1), group, dims, f"{self.name}: all_to_all(counts)").tolist()
+        self._raise_if_unhealthy([r[n_local + 1] for r in both], x_TD, routing)
         recv_rows = [r[:n_local] for r in both]
         recv_u, send_u = [r[n_local] for r in both], send_u_P.tolist()
         send = [sum(inner.splits[j * n_local:(j + 1) * n_local]) for j in range(p)]
