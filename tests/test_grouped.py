@@ -282,3 +282,25 @@ def test_scripted_and_plain_chunk_kernels_agree_bitwise(activation, monkeypatch)
         results.append((y, *_grads(y, [x, w_in, w_out, w], g)))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_kernel_compilation_is_once_and_leaves_warning_filters_alone(monkeypatch) -> None:
+    """Two threads' first forwards compile the kernels once between them, and the process's warning filters are
+    untouched (warnings.catch_warnings is not thread-safe, so the compile must not use it)."""
+    import threading
+    import warnings
+    monkeypatch.setattr(grouped_mlp_mod, "_SCRIPTED", None)
+    filters = list(warnings.filters)
+    got, barrier = [], threading.Barrier(2)
+
+    def first_use() -> None:
+        barrier.wait()
+        got.append(grouped_mlp_mod._kernels())
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is got[1] and isinstance(got[0][0], torch.jit.ScriptFunction)
+    assert warnings.filters == filters

@@ -34,7 +34,9 @@ def test_top_k_rows_with_minus_inf_ties_and_nan() -> None:
     assert v[:3].tolist() == [[5.0, -inf], [3.0, -inf], [2.0, 2.0]] and v[3, 1] == 2.0 and v[3, 0].isnan()
 
 
-def test_top_k_rejects_k_out_of_range() -> None:
-    """k larger than the row is a clear error, not a silent clamp."""
+def test_top_k_rejects_k_out_of_range_and_allows_zero() -> None:
+    """k larger than the row is a clear error, not a silent clamp; k = 0 gives empty results, as torch.topk does."""
     with pytest.raises(ValueError, match="k=5 must be in"):
         top_k(torch.zeros(3, 4), 5)
+    v, i = top_k(torch.randn(3, 4), 0)
+    assert v.shape == i.shape == (3, 0)

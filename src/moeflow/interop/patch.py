@@ -108,7 +108,13 @@ class PatchedMoE(RecordsRouting, nn.Module):
 
     def gathers_rows(self, x: Tensor) -> bool:
         """Whether run_experts(..., tokens=) runs fused here (the grouped MLP gathers and sums rows itself)."""
-        return self.fused_activation() is not None and resolve_impl(x, self.expert_weights()[0], "auto") == "loop"
+        if self.fused_activation() is None:
+            return False
+        # resolve_impl looks at dtype, device and sizes only: one expert's weight stands in for the stack (Switch
+        # experts are separate modules, and stacking them is a copy)
+        w_in = (self.experts["expert_0"].wi.weight if self.arch == "switch_transformers"
+                else self.experts.gate_up_proj[0])
+        return resolve_impl(x, w_in.unsqueeze(0), "auto") == "loop"
 
     def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor, weights_R: Tensor | None = None,
                     tokens: TokenRows | None = None) -> Tensor:

@@ -17,6 +17,7 @@ of the input is never written or saved, nor the [R, D] gather of the output grad
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -152,26 +153,28 @@ def _chunk_backward(g: Tensor, x: Tensor, h: Tensor, w_in: Tensor, w_out: Tensor
 
 
 _SCRIPTED: tuple[Callable[..., Tensor], Callable[..., None]] | None = None
+_SCRIPT_LOCK = threading.Lock()
 
 
 def _kernels() -> tuple[Callable[..., Tensor], Callable[..., None]]:
     """(forward, backward) chunk kernels: TorchScript-compiled once, or the plain functions where that fails.
 
-    `MOEFLOW_SCRIPT=0` forces the plain functions (same results, bit for bit; tested).
+    `MOEFLOW_SCRIPT=0` forces the plain functions (same results, bit for bit; tested). torch >= 2.10 emits a
+    DeprecationWarning for torch.jit.script; it is left alone (hidden by Python's default filters) because
+    changing warning filters here would affect every thread of the process.
     """
     global _SCRIPTED
-    if _SCRIPTED is None:
-        kernels: tuple[Callable[..., Tensor], Callable[..., None]] = (_chunk_forward, _chunk_backward)
-        if os.environ.get("MOEFLOW_SCRIPT", "1") != "0":
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # torch >= 2.10 marks torch.jit.script as deprecated
+    with _SCRIPT_LOCK:  # two threads' first forwards must not both compile
+        if _SCRIPTED is None:
+            kernels: tuple[Callable[..., Tensor], Callable[..., None]] = (_chunk_forward, _chunk_backward)
+            if os.environ.get("MOEFLOW_SCRIPT", "1") != "0":
+                try:
                     kernels = (torch.jit.script(_chunk_forward), torch.jit.script(_chunk_backward))
-            except Exception as err:  # noqa: BLE001 (no TorchScript, no source files, a future torch without it)
-                warnings.warn(f"moeflow: expert kernels run as plain Python ({type(err).__name__}: {err})",
-                              RuntimeWarning, stacklevel=2)
-        _SCRIPTED = kernels
-    return _SCRIPTED
+                except Exception as err:  # noqa: BLE001 (no TorchScript, no source files, a torch without it)
+                    warnings.warn(f"moeflow: expert kernels run as plain Python ({type(err).__name__}: {err})",
+                                  RuntimeWarning, stacklevel=2)
+            _SCRIPTED = kernels
+        return _SCRIPTED
 
 
 class GradBuffers:

@@ -20,8 +20,9 @@ class TokenRows:
 
     `bag_rows` is [T, K] when every token has K rows (`bag_offsets` None), else a flat list cut by `bag_offsets`
     [T], as `F.embedding_bag` takes them. Ascending row order is expert order, so a sum over a bag adds in the
-    order a serial scatter-add over rows would: `sum_rows` is bit-identical to `index_add` (and to a per-expert
-    loop), but parallel over tokens and with no zero-filled output.
+    order a serial scatter-add over rows would: in fp32, fp64 and fp16 `sum` is bit-identical to `index_add` (and
+    to a per-expert loop), but parallel over tokens and with no zero-filled output. In bf16, CPU embedding_bag
+    rounds exact ties differently from index_add's round-to-nearest-even: sums may differ by one bf16 ulp.
     """
 
     token_ids_R: Tensor

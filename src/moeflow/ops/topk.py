@@ -20,7 +20,7 @@ def top_k(x_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     if k < 0 or k > x_TE.shape[-1]:
         raise ValueError(f"top_k: k={k} must be in [0, {x_TE.shape[-1]}] (the size of the last dimension)")
-    if x_TE.device.type != "cpu" or k > _MAX_LOOP_K or x_TE.numel() == 0:
+    if x_TE.device.type != "cpu" or not 1 <= k <= _MAX_LOOP_K or x_TE.numel() == 0:
         return torch.topk(x_TE, k, dim=-1)
     with torch.no_grad():
         first_T1 = x_TE.detach().argmax(-1, keepdim=True)
