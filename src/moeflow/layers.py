@@ -124,8 +124,4 @@ class MoELayer(RecordsRouting, nn.Module):
         Compiled graphs skip it (it would be one more graph break); the trainer's finite-loss check remains.
         """
         if not torch.compiler.is_compiling() and not logits_finite(routing.logits_TE):
-            self._raise_non_finite(x_TD, routing)
-
-    def _raise_non_finite(self, x_TD: Tensor, routing: Routing) -> None:
-        """Explain which of the input or the router weights made the router logits non-finite."""
-        raise FloatingPointError(f"MoELayer: {non_finite_message(x_TD, routing)}")
+            raise FloatingPointError(f"MoELayer: {non_finite_message(x_TD, routing)}")

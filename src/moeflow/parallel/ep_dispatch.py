@@ -109,15 +109,14 @@ class AllToAllDispatcher:
         # every rank learns whether any peer's logits are NaN/inf before the rows move, and all of them raise
         # together: a rank that raised alone would leave its peers waiting in the next all-to-all until timeout
         bad = non_finite_flag(routing.logits_TE)
-        health = (x_TD, routing)
         if mode == "dedup":
             return self._dispatch_dedup(x_TD, routing, bad)
         x_SD, inner = self.inner.dispatch(x_TD, routing)
         if mode == "variable":
-            return self._dispatch_variable(x_SD, inner, bad, health)
+            return self._dispatch_variable(x_SD, inner, bad, x_TD, routing)
         p = self.dims.ep
         flags = exchange_counts(bad.expand(p, 1), self.dims.ep_group, self.dims, f"{self.name}: all_to_all(health)")
-        self._raise_if_unhealthy(flags.view(-1).tolist(), *health)
+        self._raise_if_unhealthy(flags.view(-1).tolist(), x_TD, routing)
         return self._dispatch_padded(x_SD, inner, routing.capacity * self.num_groups, routing.capacity)
 
     def _raise_if_unhealthy(self, flags: list[int], x_TD: Tensor, routing: Routing) -> None:
@@ -133,8 +132,8 @@ class AllToAllDispatcher:
         raise FloatingPointError(f"{where}: EP peer rank(s) {ranks} have non-finite router logits (their error says "
                                  "why); this rank stops too, so that no rank waits for the others")
 
-    def _dispatch_variable(self, x_SD: Tensor, inner: DispatchPlan, bad: Tensor,
-                           health: tuple[Tensor, Routing]) -> tuple[Tensor, EPDispatchPlan]:
+    def _dispatch_variable(self, x_SD: Tensor, inner: DispatchPlan, bad: Tensor, x_TD: Tensor,
+                           routing: Routing) -> tuple[Tensor, EPDispatchPlan]:
         """Exact rows, variable splits."""
         p, n_local, d = self.dims.ep, len(self.local), x_SD.shape[1]
         send = [sum(inner.splits[j * n_local:(j + 1) * n_local]) for j in range(p)]
@@ -142,7 +141,7 @@ class AllToAllDispatcher:
         both = exchange_counts(torch.cat([inner.counts_E.view(p, n_local), bad.expand(p, 1)], 1),
                                self.dims.ep_group, self.dims, f"{self.name}: all_to_all(counts)")
         both_rows = both.tolist()
-        self._raise_if_unhealthy([r[n_local] for r in both_rows], *health)
+        self._raise_if_unhealthy([r[n_local] for r in both_rows], x_TD, routing)
         recv_PL, recv_rows = both[:, :n_local], [r[:n_local] for r in both_rows]
         recv = [sum(r) for r in recv_rows]
         x_recv = all_to_all(x_SD, recv, send, self.dims.ep_group, self.dims, f"{self.name}: all_to_all(dispatch)")
