@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import moeflow.ops.topk as topk_mod
 from moeflow.ops.topk import top_k
+
+
+@pytest.fixture(autouse=True)
+def _loop_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small shapes below would take torch.topk itself; test the max loop on them."""
+    monkeypatch.setattr(topk_mod, "_MIN_LOOP_ELEMS", 0)
 
 
 @given(t=st.integers(0, 40), e=st.integers(2, 70), k=st.integers(1, 4), seed=st.integers(0, 10_000),
@@ -40,3 +47,13 @@ def test_top_k_rejects_k_out_of_range_and_allows_zero() -> None:
         top_k(torch.zeros(3, 4), 5)
     v, i = top_k(torch.randn(3, 4), 0)
     assert v.shape == i.shape == (3, 0)
+
+
+def test_top_k_at_router_size_uses_the_loop_and_equals_topk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the real threshold: a [4096, 64] softmax takes the loop (torch.topk is not called) and agrees with it."""
+    monkeypatch.undo()
+    p = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    ref = torch.topk(p, 2, dim=-1)
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: pytest.fail("torch.topk was called"))
+    v, i = top_k(p, 2)
+    assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)
