@@ -117,7 +117,18 @@ def test_empty_routing_dispatches_nothing() -> None:
 @settings(max_examples=30, deadline=None)
 def test_combine_and_dispatch_backward_equal_a_serial_scatter_add_bitwise(router_k, cf, seed) -> None:
     """The gather-sums (combine, and the gradient of the dispatch gather) add each token's rows in ascending row
-    order, so on random fp32 rows they equal a serial index_add over rows bit for bit, drops and all."""
+    order, so on random fp32 rows they equal a serial index_add over rows bit for bit, drops and all. (The
+    embedding_bag path: at these sizes TokenRows.sum would otherwise take index_add itself.)"""
+    import moeflow.ops.rows as rows_mod
+    rows_mod._BAG_MIN_ELEMS, saved = 0, rows_mod._BAG_MIN_ELEMS  # not monkeypatch: hypothesis reruns the body
+    try:
+        _check_sums_bitwise(router_k, cf, seed)
+    finally:
+        rows_mod._BAG_MIN_ELEMS = saved
+
+
+def _check_sums_bitwise(router_k: tuple[str, int], cf: float | None, seed: int) -> None:
+    """The body of the test above."""
     router, k = router_k
     routing, _ = _route(router, k, 5, 24, seed, capacity_factor=cf)
     routing = dataclasses.replace(routing, weights_N=routing.weights_N.float())

@@ -270,13 +270,16 @@ def test_scripted_and_plain_chunk_kernels_agree_bitwise(activation, monkeypatch)
     as the same functions run as plain Python, forward and every gradient, tokens and row weights included."""
     scripted = grouped_mlp_mod._kernels()
     assert all(isinstance(k, torch.jit.ScriptFunction) for k in scripted)
+    plain = (grouped_mlp_mod._chunk_forward, grouped_mlp_mod._chunk_backward)
+    assert grouped_mlp_mod._kernels_for([1]) == plain  # tiny work: a script call's overhead would not pay off
     monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 40)
+    monkeypatch.setattr(grouped_mlp_mod, "_POOL_MIN_MACS", 0)
     tokens = _token_rows(6, SPLITS, seed=2)
     f = 6 if activation in ("swiglu", "geglu") else 3
     x, w_in, w_out, w = _leaf(6, 4), _leaf(len(SPLITS), f, 4), _leaf(len(SPLITS), 4, 3), _leaf(sum(SPLITS))
     g = torch.randn(6, 4, dtype=torch.float64)
     results = []
-    for kernels in (scripted, (grouped_mlp_mod._chunk_forward, grouped_mlp_mod._chunk_backward)):
+    for kernels in (scripted, plain):
         monkeypatch.setattr(grouped_mlp_mod, "_SCRIPTED", kernels)
         y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w, tokens=tokens)
         results.append((y, *_grads(y, [x, w_in, w_out, w], g)))

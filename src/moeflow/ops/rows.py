@@ -14,6 +14,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
+_BAG_MIN_ELEMS = 1 << 16
+
+
 @dataclass
 class TokenRows:
     """Row r reads token `token_ids_R[r]`; `bag_rows` lists each token's rows in ascending order.
@@ -63,7 +66,11 @@ class TokenRows:
         if y_RD.shape[0] == 0 or y_RD.shape[1] == 0:
             return y_RD.new_zeros(self.num_tokens, y_RD.shape[1])
         # NOTE: CPU index_add is serial over rows (2.3 ms for [8192, 512] -> [4096, 512] on 2 cores) and needs a
-        # zero-filled output; embedding_bag's sum is parallel over bags and writes each output row once (0.8 ms)
+        # zero-filled output; embedding_bag's sum is parallel over bags and writes each output row once (0.8 ms).
+        # Below _BAG_MIN_ELEMS embedding_bag's fixed cost (about 45 us) dominates (decode steps: a few rows); both
+        # add each token's rows in ascending row order, so the two give the same bits.
+        if y_RD.numel() < _BAG_MIN_ELEMS:
+            return y_RD.new_zeros(self.num_tokens, y_RD.shape[1]).index_add_(0, self.token_ids_R, y_RD)
         return F.embedding_bag(self.bag_rows, y_RD, self.bag_offsets, mode="sum")
 
 
