@@ -17,6 +17,12 @@ from moeflow.models.llama import MoETransformer
 SERIAL_DECODE_MACS = 1 << 26
 
 
+def _active_params(model: MoETransformer) -> int:
+    """Parameters one token passes through (all of them where the config cannot tell, e.g. DeepSeek-V3)."""
+    count = getattr(model.cfg, "num_active_params", None)
+    return count() if callable(count) else sum(p.numel() for p in model.parameters())
+
+
 @contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
     """Run the block with `n` torch CPU threads (None: leave them), restoring the previous count afterwards."""
@@ -98,7 +104,7 @@ def generate(model: MoETransformer, prompt_ids: Tensor, max_new_tokens: int, tem
         finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
         logits = model(ids, cache)[:, -1]  # prefill: [B, V]
         serial = (cache is not None and prompt_ids.device.type == "cpu"
-                  and b * model.cfg.num_active_params() <= SERIAL_DECODE_MACS)
+                  and b * _active_params(model) <= SERIAL_DECODE_MACS)
         with cpu_threads(1 if serial else None):
             for step in range(max_new_tokens):
                 if step > 0:
