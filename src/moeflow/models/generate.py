@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 
 from moeflow.models.llama import MoETransformer
+from moeflow.ops.threads import cpu_threads
 
 # Cached decode steps up to this many multiply-adds (batch x active parameters) run on one CPU thread. A step is a
 # hundred or so tiny ops, and split over threads each one pays a fork/join, plus a wake-up from sleep under
@@ -21,20 +19,6 @@ def _active_params(model: MoETransformer) -> int:
     """Parameters one token passes through (all of them where the config cannot tell, e.g. DeepSeek-V3)."""
     count = getattr(model.cfg, "num_active_params", None)
     return count() if callable(count) else sum(p.numel() for p in model.parameters())
-
-
-@contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` torch CPU threads (None: leave them), restoring the previous count afterwards."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -125,3 +126,17 @@ def uniform_like(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
 
     parallel_items(fill, [min(_RNG_PIECE, n - i * _RNG_PIECE) for i in range(pieces)])
     return out
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch CPU threads (None: leave them), restoring the previous count afterwards."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -20,6 +20,7 @@ from torch import nn
 
 from moeflow.analysis.routing_lang import LanguageRouting, routing_markdown
 from moeflow.models.seq2seq import Seq2SeqTransformer
+from moeflow.ops.threads import cpu_threads
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
 
 CHECKPOINT = "checkpoint.pt"
@@ -104,13 +105,8 @@ def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: Translat
     `cfg.cpu_limit_s` > 0 stops once the training steps have used that much CPU time (process time: all threads,
     unaffected by other processes on a shared machine); the schedule stays the one for cfg.steps.
     """
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with cpu_threads(cfg.threads or None):  # the thread count is process-wide: leave it as we found it
         return _train(cfg, Path(run_dir), data, log, figures)
-    finally:
-        torch.set_num_threads(threads)  # the thread count is process-wide: leave it as we found it
 
 
 def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log: Callable[[str], None],
