@@ -12,6 +12,7 @@ from moeflow.dispatch import LocalDispatcher
 from moeflow.experts import GATED, GroupedExperts, activate
 from moeflow.routing import Routing, build_router
 from moeflow.routing.base import logits_finite, non_finite_message
+from moeflow.routing.log import log_routing
 
 
 class FFN(nn.Module):
@@ -101,6 +102,7 @@ class MoELayer(RecordsRouting, nn.Module):
                 s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
             y_TD = y_TD + s_TD
         self.last_routing = routing
+        log_routing(self, routing)
         return y_TD.view(x.shape).to(x.dtype) if y_TD.dtype != x.dtype else y_TD.view(x.shape)
 
     def dispatch_experts_combine(self, x_TD: Tensor, routing: Routing) -> Tensor:

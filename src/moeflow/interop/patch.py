@@ -35,6 +35,7 @@ from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
 from moeflow.ops.rows import TokenRows
 from moeflow.routing import Routing
 from moeflow.routing.deepseek import update_balance_bias
+from moeflow.routing.log import log_routing
 
 # HF block class name -> architecture (matched by name, so moeflow never imports transformers here)
 BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe", "OlmoeSparseMoeBlock": "olmoe",
@@ -162,6 +163,7 @@ class PatchedMoE(RecordsRouting, nn.Module):
         elif self.arch == "deepseek_v3":
             y_TD = y_TD + self.shared_experts(x_TD)
         self.last_routing = routing
+        log_routing(self, routing)
         return y_TD.view(hidden_states.shape)
 
     @torch.no_grad()

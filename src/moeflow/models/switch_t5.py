@@ -30,6 +30,7 @@ from moeflow.config import ConfigError, MoEConfig
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.ops.capacity import capacity_keep
 from moeflow.routing import Routing
+from moeflow.routing.log import log_routing
 
 
 @dataclass(kw_only=True)
@@ -115,6 +116,7 @@ class SwitchSparseMLP(MoELayer):
         routing = per_sequence_capacity(self.router(x_TD), x.shape[1], self.expert_capacity)
         y_TD = self.dispatch_experts_combine(x_TD, routing)
         self.last_routing = routing
+        log_routing(self, routing)
         return y_TD.view(x.shape).to(x.dtype)
 
 
