@@ -12,12 +12,12 @@ BASE = {"d_model": 8, "d_hidden": 16}
 # (bad fields, a regex the message must match: the field name and, where useful, the fix)
 INVALID = [
     (dict(top_k=9, num_experts=8), r"top_k=9 exceeds num_experts=8"),
-    (dict(capacity_factor=0.0), r"capacity_factor must be > 0"),
-    (dict(capacity_factor=-1.25), r"capacity_factor must be > 0"),
-    (dict(capacity_factor=float("nan")), r"capacity_factor must be > 0"),
-    (dict(capacity_factor=float("inf")), r"capacity_factor must be > 0"),
-    (dict(capacity_factor="1.0"), r"capacity_factor must be > 0"),
-    (dict(capacity_factor=True), r"capacity_factor must be > 0"),
+    (dict(capacity_factor=0.0), r"capacity_factor must be a finite number > 0 \(or None for dropless\)"),
+    (dict(capacity_factor=-1.25), r"capacity_factor must be a finite number > 0 \(or None for dropless\)"),
+    (dict(capacity_factor=float("nan")), r"capacity_factor must be a finite number > 0 \(or None for dropless\)"),
+    (dict(capacity_factor=float("inf")), r"capacity_factor must be a finite number > 0 \(or None for dropless\)"),
+    (dict(capacity_factor="1.0"), r"capacity_factor must be a finite number > 0 \(or None for dropless\)"),
+    (dict(capacity_factor=True), r"capacity_factor must be a finite number > 0 \(or None for dropless\)"),
     (dict(router="mixtral"), r"router='mixtral' is unknown; choose one of .*topk"),
     (dict(router="switch", top_k=2), r"router='switch'.*set top_k=1"),
     (dict(router="gshard", top_k=1), r"router='gshard'.*set top_k=2"),
@@ -40,7 +40,7 @@ INVALID = [
     (dict(jitter_eps=1.0), r"jitter_eps must be in \[0, 1\)"),
     (dict(jitter_eps=-0.1), r"jitter_eps must be in \[0, 1\)"),
     (dict(score_func="relu"), r"score_func must be 'softmax' or 'sigmoid'"),
-    (dict(shared_d_hidden=-4), r"shared_d_hidden must be >= 0"),
+    (dict(shared_d_hidden=-4), r"shared_d_hidden must be an integer >= 0"),
 ]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeflow.config import ConfigError
 from moeflow.train.data import (BatchStream, DataConfig, DataError, _is_val, decode, encode, eval_batches,
                                 load_corpus)
 
@@ -112,8 +113,8 @@ def test_missing_and_empty_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match="empty_dir.*no files"):
         load_corpus(_cfg(tmp_path / "empty_dir"))
-    with pytest.raises(DataError, match="val_fraction"):
-        DataConfig(val_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"data\.val_fraction must be in \(0, 1\), got 1\.5"):
+        DataConfig(val_fraction=1.5)  # a config field: ConfigError, like every config's
 
 
 def test_embedded_corpus_is_cached_and_deterministic(tmp_path: Path) -> None:

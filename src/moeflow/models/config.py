@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moeflow.config import ConfigError, MoEConfig
-
-GATED = ("swiglu", "geglu")  # mirrors moeflow.experts.GATED; config stays free of torch
+from moeflow.config import GATED, Config, MoEConfig, check_int, check_number, need
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(Config):
     """A Llama/Mixtral-style decoder: sizes, attention options, and which FFNs are MoE layers.
 
     `head_dim=None` resolves to `d_model // n_heads` at construction. Layer i has an MoE FFN iff `moe` is set,
@@ -43,15 +40,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         """Validate every field and resolve head_dim."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "ffn_hidden",
-                     "moe_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        check_int(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "ffn_hidden",
+                  "moe_every")
         need(self.n_heads % self.n_kv_heads == 0,
              f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
              "(each key/value head serves n_heads // n_kv_heads query heads)")
@@ -62,9 +52,7 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         need(isinstance(self.head_dim, int) and self.head_dim >= 2 and self.head_dim % 2 == 0,
              f"ModelConfig.head_dim must be an even integer >= 2 (RoPE rotates pairs), got {self.head_dim!r}")
-        need(isinstance(self.first_dense_layers, int) and 0 <= self.first_dense_layers <= self.n_layers,
-             f"ModelConfig.first_dense_layers must be in [0, n_layers={self.n_layers}], "
-             f"got {self.first_dense_layers!r}")
+        check_int(self, "first_dense_layers", lo=0, hi=self.n_layers)
         need(isinstance(self.dense_layers, (list, tuple)),
              f"ModelConfig.dense_layers must be a list of layer indices, got {self.dense_layers!r}")
         bad = [i for i in self.dense_layers
@@ -73,10 +61,9 @@ class ModelConfig:
         need(len(set(self.dense_layers)) == len(self.dense_layers),
              f"ModelConfig.dense_layers {list(self.dense_layers)} lists a layer more than once")
         self.dense_layers = tuple(sorted(self.dense_layers))  # canonical, so a JSON round trip compares equal
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
-                 f"ModelConfig.{name} must be a finite number > 0, got {v!r}")
+        check_number(self, "rope_theta", lo=0, lo_open=True)
+        # an eps or init scale of 1 or more is never meant (issue 12: init_std=1e20 gave inf logits, not an error)
+        check_number(self, "norm_eps", "init_std", lo=0, hi=1, lo_open=True, hi_open=True)
         if self.moe is not None:
             need(isinstance(self.moe, MoEConfig),
                  f"ModelConfig.moe must be a MoEConfig (or None for a dense model), got {type(self.moe).__name__}")
@@ -95,26 +82,6 @@ class ModelConfig:
     def dense_activation(self) -> str:
         """Activation of the dense FFN layers: the experts' activation, so both share one parameterisation."""
         return self.moe.activation if self.moe is not None else "swiglu"
-
-    # ---------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON-able); `moe` becomes a dict or None, `dense_layers` a list."""
-        d = dataclasses.asdict(self)
-        d["dense_layers"] = list(self.dense_layers)  # a tuple would not equal the list JSON/YAML give back
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of to_dict; unknown keys (top level or under `moe`) raise ConfigError naming them."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"ModelConfig.from_dict expects a dict, got {type(d).__name__}")
-        _check_keys(cls, d, "ModelConfig")
-        d = dict(d)
-        moe = d.get("moe")
-        if isinstance(moe, dict):
-            _check_keys(MoEConfig, moe, "ModelConfig.moe")
-            d["moe"] = MoEConfig(**moe)
-        return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again; head_dim re-derived unless given)."""
@@ -168,14 +135,6 @@ def _moe_params(m: MoEConfig, active: bool) -> int:
     shared = _ffn_params(m.d_model, m.shared_d_hidden, m.activation) if m.shared_d_hidden else 0
     gate = m.d_model if (m.shared_d_hidden and m.shared_gate) else 0
     return router + n * _ffn_params(m.d_model, m.d_hidden, m.activation) + shared + gate
-
-
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
-    """Raise ConfigError naming every key of d that is not a field of the dataclass cls."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
 
 
 # ------------------------------------------------------------------------------------------- presets

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moeflow.config import ConfigError, MoEConfig
+from moeflow.config import Config, ConfigError, MoEConfig, check_int, check_number, need
 from moeflow.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, dense_counterpart
 from moeflow.models.seq2seq_decode import beam_search, greedy_decode
 from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, get_languages, pydoc_text, segment_sentences, \
@@ -71,7 +71,7 @@ class CharVocab:
 
 
 @dataclass(kw_only=True)
-class TranslateConfig:
+class TranslateConfig(Config):
     """One translation run: the model, the task, and the optimisation (AdamW, warmup, cosine decay)."""
 
     model: Seq2SeqConfig
@@ -96,36 +96,16 @@ class TranslateConfig:
     def __post_init__(self) -> None:
         """Validate the task and optimisation fields."""
         get_languages(self.languages)  # raises on unknown codes
-        for name in ("max_chars", "steps", "batch_size", "eval_sentences", "routing_batches", "log_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"TranslateConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("warmup", "eval_every", "threads", "seed", "cpu_limit_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TranslateConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0 and self.grad_clip >= 0):
-            raise ConfigError(f"TranslateConfig needs lr > 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0, grad_clip"
-                              f" >= 0; got {self.lr}, {self.min_lr_ratio}, {self.weight_decay}, {self.grad_clip}")
-        if self.model.vocab_size != len(CharVocab(self.languages)):
-            raise ConfigError(f"model.vocab_size={self.model.vocab_size} must equal the task vocabulary "
-                              f"({len(CharVocab(self.languages))} for {len(self.languages)} languages); build "
-                              "configs with translate_preset() and apply_overrides()")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able nested dict."""
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TranslateConfig":
-        """Inverse of to_dict; unknown keys raise ConfigError."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown key(s) in the translate config: {', '.join(unknown)}")
-        d = dict(d)
-        d["model"] = Seq2SeqConfig.from_dict(d["model"])
-        return cls(**d)
+        check_int(self, "max_chars", "steps", "batch_size", "eval_sentences", "routing_batches", "log_every")
+        check_int(self, "warmup", "eval_every", "threads", "seed", lo=0)
+        check_int(self, "heldout_percent", hi=99)
+        check_number(self, "lr", lo=0, lo_open=True)
+        check_number(self, "min_lr_ratio", hi=1)
+        check_number(self, "weight_decay", "grad_clip", "cpu_limit_s")
+        need(self.model.vocab_size == len(CharVocab(self.languages)),
+             f"model.vocab_size={self.model.vocab_size} must equal the task vocabulary "
+             f"({len(CharVocab(self.languages))} for {len(self.languages)} languages); build "
+             "configs with translate_preset() and apply_overrides()")
 
 
 def _model(moe: MoEConfig | None, *, d_model: int = 128, moe_every: int = 2, layers: int = 2,

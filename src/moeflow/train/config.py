@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import json
-import math
 import types
 import typing
 from collections.abc import Callable
@@ -19,15 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeflow.config import ConfigError, MoEConfig
+from moeflow.config import Config, ConfigError, MoEConfig, check_int, check_number, closest, dataclass_in, need
 from moeflow.models import MODEL_PRESETS, ModelConfig
-from moeflow.train.data import DataConfig, DataError
+from moeflow.train.data import DataConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation and bookkeeping for one training run (AdamW, linear warmup, cosine decay)."""
 
     steps: int = 800  # total optimizer steps; the cosine schedule spans exactly these
@@ -49,31 +47,23 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # torch CPU threads (0: torch's default); bitwise resume needs the same value
 
+    config_name = "train"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
+
     def __post_init__(self) -> None:
         """Validate every field."""
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
-        for name in ("warmup", "eval_every", "ckpt_every", "threads", "seed"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-                raise ConfigError(f"train.{name} must be an integer >= 0, got {v!r}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"train.{name} must be a finite number >= 0, got {v!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if not (self.beta1 < 1 and self.beta2 < 1):
-            raise ConfigError(f"train.beta1/beta2 must be < 1, got {self.beta1}, {self.beta2}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ConfigError(f"train.device={self.device!r} is unknown; use one of {', '.join(DEVICES)} "
-                              "(optionally with an index, e.g. cuda:1)")
+        check_int(self, "steps", "batch_size", "seq_len", "eval_batches", "log_every")
+        check_int(self, "warmup", "eval_every", "ckpt_every", "threads", "seed", lo=0)
+        check_number(self, "lr", lo=0, lo_open=True)
+        check_number(self, "min_lr_ratio", hi=1)
+        check_number(self, "weight_decay", "grad_clip")
+        check_number(self, "beta1", "beta2", hi=1, hi_open=True)
+        need(isinstance(self.device, str) and self.device.split(":")[0] in DEVICES,
+             f"train.device={self.device!r} is unknown; use one of {', '.join(DEVICES)} "
+             "(optionally with an index, e.g. cuda:1)")
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class RunConfig(Config):
     """Everything a run needs: the model, how to train it, and what data to train it on."""
 
     model: ModelConfig
@@ -85,38 +75,6 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower one or raise the other")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON-able)."""
-        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Inverse of to_dict; unknown keys and missing required fields raise ConfigError."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"model", "train", "data"})
-        if unknown:
-            raise ConfigError(f"unknown top-level config key(s): {', '.join(unknown)}; use model, train, data")
-        if "model" not in d:
-            raise ConfigError("a run config needs a 'model' section")
-        return cls(model=ModelConfig.from_dict(d["model"]), train=_build(TrainConfig, d.get("train", {}), "train"),
-                   data=_build(DataConfig, d.get("data", {}), "data"))
-
-
-def _build(cls: type, d: Any, where: str) -> Any:
-    """Construct a flat dataclass from a dict, naming unknown or missing keys."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"config section '{where}' must be a mapping, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in '{where}': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**d)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------- presets
@@ -149,7 +107,7 @@ RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": _tiny, "tiny-dense": 
 def get_preset(name: str) -> RunConfig:
     """A fresh RunConfig for a named preset."""
     if name not in RUN_PRESETS:
-        close = difflib.get_close_matches(name, RUN_PRESETS, n=3)
+        close = closest(name, RUN_PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {', '.join(RUN_PRESETS)}")
     return RUN_PRESETS[name]()
@@ -171,16 +129,6 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass inside a hint like `MoEConfig | None`, else None."""
-    if dataclasses.is_dataclass(hint):
-        return hint  # type: ignore[return-value]
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg):
-            return arg  # type: ignore[return-value]
-    return None
-
-
 def config_keys() -> list[str]:
     """Every dotted key `--set` accepts (nested dataclasses expanded, e.g. model.moe.top_k)."""
     out: list[str] = []
@@ -189,7 +137,7 @@ def config_keys() -> list[str]:
         for name, hint in _hints(cls).items():
             key = f"{prefix}{name}"
             out.append(key)
-            sub = _dataclass_in(hint)
+            sub = dataclass_in(hint)
             if sub is not None:
                 walk(sub, key + ".")
 
@@ -200,11 +148,8 @@ def config_keys() -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    keys = config_keys()
-    leaf = key.rsplit(".", 1)[-1]
-    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-    close += [k for k in difflib.get_close_matches(key, keys, n=4, cutoff=0.6) if k not in close]
-    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+    close = closest(key, config_keys())
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint} (`moeflow train --list-keys` prints them all)")
 
 
@@ -297,7 +242,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             if i == len(parts) - 1:
                 node[part] = _check_type(key, value, hints[part])
                 break
-            sub = _dataclass_in(hints[part])
+            sub = dataclass_in(hints[part])
             if sub is None:
                 raise _unknown_key(key)
             if node.get(part) is None:
@@ -308,11 +253,8 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         moe["d_model"] = tree["model"]["d_model"]
     if "model.head_dim" not in overrides and ("model.d_model" in overrides or "model.n_heads" in overrides):
         tree["model"]["head_dim"] = None
-    try:
-        return RunConfig.from_dict(tree)
-    except TypeError as e:
-        # a dataclass built from a partial dict (e.g. model.moe on a dense preset) names its missing field
-        raise ConfigError(f"incomplete config: {e}") from None
+    # a partial dict (e.g. model.moe on a dense preset) is refused by from_dict, naming the missing field
+    return RunConfig.from_dict(tree)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moeflow.config import Config, check_choice, check_int, check_number
+
 # bump when the corpus recipe changes, so stale caches are not reused
 CORPUS_VERSION = 1
 # stdlib folders that are tests, third-party code, or generated data rather than prose-like source
@@ -34,8 +36,10 @@ class DataError(ValueError):
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Config):
     """Where the training tokens come from and how validation is split off."""
+
+    config_name = "data"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
 
     path: str | None = None  # None: the embedded stdlib corpus; else a text file, a folder, a .bin or a .npy
     val_fraction: float = 0.05  # share of files (or of the tail, for a single file/array) held out
@@ -46,12 +50,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         """Validate the fields."""
-        if not 0.0 < self.val_fraction < 1.0:
-            raise DataError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.bin_dtype not in ("uint8", "uint16"):
-            raise DataError(f"data.bin_dtype must be 'uint8' or 'uint16', got {self.bin_dtype!r}")
-        if self.max_bytes < 1 or self.max_file_bytes < 1:
-            raise DataError("data.max_bytes and data.max_file_bytes must be positive")
+        check_number(self, "val_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
+        check_choice(self, "bin_dtype", ("uint8", "uint16"))
+        check_int(self, "max_bytes", "max_file_bytes")
 
 
 @dataclass
