@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeflow import MoEConfig, MoELayer
+from moeflow import MoEConfig, MoELayer, moe_layers
 from moeflow.config import ConfigError
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.routing import ROUTERS, build_router
@@ -137,7 +137,7 @@ def test_usable_in_moeflow_models() -> None:
     logits = model(ids)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()) + model.aux_loss()
     loss.backward()
-    assert all(m.router.weight.grad is not None for m in model.moe_layers())
-    assert all(m.shared is not None for m in model.moe_layers())
+    assert all(m.router.weight.grad is not None for _, m in moe_layers(model))
+    assert all(m.shared is not None for _, m in moe_layers(model))
     assert update_router_biases(model) == 2
-    assert all(m.router.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
+    assert all(m.router.e_score_correction_bias.abs().sum() > 0 for _, m in moe_layers(model))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moeflow.config import MoEConfig
+from moeflow.layers import moe_layers
 from moeflow.models import ModelConfig, MoETransformer, filter_logits, generate, sample_next
 from moeflow.routing import ROUTERS
 
@@ -33,7 +34,7 @@ def make_model(moe_kw: dict[str, object] | None, seed: int = 0, **kw: object) ->
     base.update(kw)
     model = MoETransformer(ModelConfig(**base))  # type: ignore[arg-type]
     with torch.no_grad():
-        for m in model.moe_layers():
+        for _, m in moe_layers(model):
             m.router.weight.normal_(std=0.5)
     return model.eval()
 

@@ -12,6 +12,7 @@ from test_hf_common import ARCHS, hf_dirs, hf_logits, ours_logits, save_hf_model
 
 import moeflow
 from moeflow.config import ConfigError
+from moeflow.layers import moe_layers
 from moeflow.models import MoETransformer, generate
 from moeflow.models.deepseek import DeepSeekV3
 from moeflow.models.switch_t5 import SwitchTransformer
@@ -39,9 +40,9 @@ def test_switch_capacity_drops_tokens(hf_dirs: dict) -> None:
     ours = moeflow.load_hf(hf_dirs["switch_transformers"][0])
     ids, dec = token_batch("switch_transformers")
     ours(ids, dec)
-    dropped = [float(m.last_routing.dropped_fraction) for m in ours.moe_layers()]
+    dropped = [float(m.last_routing.dropped_fraction) for _, m in moe_layers(ours)]
     assert max(dropped) > 0.1, dropped
-    assert all(m.last_routing.tokens_per_expert.max() <= 2 * ids.shape[0] for m in ours.moe_layers())
+    assert all(m.last_routing.tokens_per_expert.max() <= 2 * ids.shape[0] for _, m in moe_layers(ours))
 
 
 def test_deepseek_bias_and_groups_are_loaded(hf_dirs: dict) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moeflow.config import ConfigError, MoEConfig
-from moeflow.layers import FFN, MoELayer
+from moeflow.layers import FFN, MoELayer, moe_layers
 from moeflow.models import MODEL_PRESETS, Attention, ModelConfig, MoETransformer, apply_rope, rope_cos_sin
 from moeflow.routing import ROUTERS
 
@@ -33,16 +33,16 @@ def test_shapes_aux_loss_and_routings(moe: bool) -> None:
     logits = model(ids)
     assert logits.shape == (3, 7, 61) and torch.isfinite(logits).all()
     if moe:
-        assert len(model.moe_layers()) == 2
+        assert [n for n, _ in moe_layers(model)] == ["layers.0.ffn", "layers.1.ffn"]
         routings = model.routings()
         assert [r.num_tokens for r in routings] == [21, 21]  # the MoE layer saw the flattened [B*S, D] tokens
-        expected = sum(m.aux_loss for m in model.moe_layers())
+        expected = sum(m.aux_loss for _, m in moe_layers(model))
         aux = float(model.aux_loss().detach())
         assert aux == pytest.approx(float(expected.detach())) and aux > 0
         model.aux_loss().backward()  # the aux loss reaches the routers
         assert model.layers[0].ffn.router.weight.grad is not None
     else:
-        assert model.moe_layers() == [] and model.routings() == [] and model.aux_loss().item() == 0.0
+        assert moe_layers(model) == [] and model.routings() == [] and model.aux_loss().item() == 0.0
 
 
 def test_moe_layer_placement() -> None:
@@ -158,8 +158,8 @@ def test_num_params_matches_module(kw: dict[str, object]) -> None:
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
     m = cfg.moe
     assert m is not None
-    expert = sum(p.numel() for p in model.moe_layers()[0].experts.parameters()) // m.num_experts
-    n_moe = len(model.moe_layers())
+    expert = sum(p.numel() for p in moe_layers(model)[0][1].experts.parameters()) // m.num_experts
+    n_moe = len(moe_layers(model))
     assert cfg.num_params() - cfg.num_active_params() == n_moe * (m.num_experts - m.top_k) * expert
 
 

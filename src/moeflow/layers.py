@@ -94,7 +94,7 @@ class MoELayer(RecordsRouting, nn.Module):
             raise ValueError(f"MoELayer expects inputs [..., d_model={self.cfg.d_model}], got shape {tuple(x.shape)}; "
                              "the last dimension must equal MoEConfig.d_model")
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, seq_len=x.shape[-2] if x.dim() > 2 else None)  # for groups by sequence
         y_TD = self.dispatch_experts_combine(x_TD, routing)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
@@ -127,3 +127,8 @@ class MoELayer(RecordsRouting, nn.Module):
         """
         if not torch.compiler.is_compiling() and not logits_finite(routing.logits_TE):
             raise FloatingPointError(f"MoELayer: {non_finite_message(x_TD, routing)}")
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """(qualified name, layer) of every MoELayer in `model`, in registration (= layer) order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]

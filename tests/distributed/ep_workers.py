@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from dist_harness import world_mean
 
-from moeflow import MoEConfig, MoELayer
+from moeflow import MoEConfig, MoELayer, moe_layers
 from moeflow.models import MoETransformer
 from moeflow.models.config import ModelConfig
 from moeflow.parallel import (ParallelDims, all_to_all, allreduce_gradients, barrier_with_timeout, clip_grad_norm_,
@@ -134,7 +134,7 @@ def make_model(router: str, num_groups: int) -> MoETransformer:
                       ffn_hidden=16, moe=moe)
     model = MoETransformer(cfg).double()
     with torch.no_grad():  # decisive routing: no near-ties between experts for fp32-vs-fp64 noise to flip
-        for layer in model.moe_layers():
+        for _, layer in moe_layers(model):
             layer.router.weight.normal_(0.0, 1.0)
     return model
 

@@ -13,7 +13,6 @@ Names follow DeepSeek's reference inference code (wq_a, q_norm, wq_b, wkv_a, kv_
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeflow.config import ConfigError, MoEConfig
-from moeflow.layers import RMSNorm
+from moeflow.config import Config, MoEConfig, check_int, check_number, need
+from moeflow.layers import RMSNorm, moe_layers
 from moeflow.models.attention import rope_cos_sin, rotate_half
 from moeflow.routing.deepseek import update_router_biases
-from moeflow.models.moe_outputs import MoEOutputs
+from moeflow.models.moe_mixin import MoEOutputs
 from moeflow.models.llama import Block
 
 
 @dataclass(kw_only=True)
-class DeepSeekConfig:
+class DeepSeekConfig(Config):
     """Sizes of a DeepSeek-V3 style decoder; layer i is MoE iff `moe` is set and i >= first_dense_layers."""
 
     vocab_size: int
@@ -60,44 +59,29 @@ class DeepSeekConfig:
 
     def __post_init__(self) -> None:
         """Validate sizes."""
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim", "max_seq_len", "ffn_hidden"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"DeepSeekConfig.{name} must be a positive integer, got {v!r}")
-        if self.q_lora_rank is not None and not (isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 1):
-            raise ConfigError(f"DeepSeekConfig.q_lora_rank must be a positive integer or None, got {self.q_lora_rank!r}")
-        if self.qk_rope_head_dim % 2:
-            raise ConfigError(f"DeepSeekConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
-                              f"got {self.qk_rope_head_dim}")
-        if not 0 <= self.first_dense_layers <= self.n_layers:
-            raise ConfigError(f"DeepSeekConfig.first_dense_layers must be in [0, {self.n_layers}], "
-                              f"got {self.first_dense_layers}")
+        check_int(self, "vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim", "max_seq_len", "ffn_hidden")
+        check_int(self, "q_lora_rank", none="one query projection")
+        need(self.qk_rope_head_dim % 2 == 0, f"DeepSeekConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
+                                             f"got {self.qk_rope_head_dim}")
+        check_int(self, "first_dense_layers", lo=0, hi=self.n_layers)
+        check_number(self, "rope_theta", lo=0, lo_open=True)
+        check_number(self, "norm_eps", "latent_norm_eps", "init_std", lo=0, hi=1, lo_open=True, hi_open=True)
         if self.rope_scaling is not None:
-            unknown = set(self.rope_scaling) - YARN_KEYS
-            if unknown or "factor" not in self.rope_scaling or "original_max_position_embeddings" not in \
-                    self.rope_scaling:
-                raise ConfigError(f"DeepSeekConfig.rope_scaling must be YaRN parameters with factor and "
-                                  f"original_max_position_embeddings (known keys: {', '.join(sorted(YARN_KEYS))}); "
-                                  f"got {self.rope_scaling}")
-        if self.moe is not None and self.moe.d_model != self.d_model:
-            raise ConfigError(f"DeepSeekConfig.moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+            need(isinstance(self.rope_scaling, dict) and not set(self.rope_scaling) - YARN_KEYS
+                 and "factor" in self.rope_scaling and "original_max_position_embeddings" in self.rope_scaling,
+                 f"DeepSeekConfig.rope_scaling must be YaRN parameters with factor and "
+                 f"original_max_position_embeddings (known keys: {', '.join(sorted(YARN_KEYS))}); "
+                 f"got {self.rope_scaling}")
+        if self.moe is not None:
+            need(isinstance(self.moe, MoEConfig),
+                 f"DeepSeekConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+            need(self.moe.d_model == self.d_model,
+                 f"DeepSeekConfig.moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i has an MoE FFN."""
         return self.moe is not None and i >= self.first_dense_layers
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON-able)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeepSeekConfig":
-        """Inverse of to_dict."""
-        d = dict(d)
-        if isinstance(d.get("moe"), dict):
-            d["moe"] = MoEConfig(**d["moe"])
-        return cls(**d)
 
 
 YARN_KEYS = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
@@ -242,7 +226,7 @@ class MLAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, s, h * v))
 
 
-def DeepSeekBlock(cfg: DeepSeekConfig, layer_id: int) -> Block:
+def deepseek_block(cfg: DeepSeekConfig, layer_id: int) -> Block:
     """The shared pre-norm block with multi-head latent attention and SwiGLU dense FFNs."""
     return Block(cfg, layer_id, attention=MLAttention(cfg), dense_activation="swiglu")  # type: ignore[arg-type]
 
@@ -255,7 +239,7 @@ class DeepSeekV3(MoEOutputs, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(DeepSeekBlock(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(deepseek_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -274,7 +258,7 @@ class DeepSeekV3(MoEOutputs, nn.Module):
                 nn.init.ones_(p)
             else:
                 nn.init.zeros_(p)
-        for m in self.moe_layers():
+        for _, m in moe_layers(self):
             m.router.reset_parameters()
 
     def forward(self, input_ids: Tensor, cache: MLACache | None = None) -> Tensor:

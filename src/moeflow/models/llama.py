@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.models.attention import Attention, KVCache, rope_cos_sin
 from moeflow.models.config import ModelConfig
-from moeflow.models.moe_outputs import MoEOutputs
+from moeflow.models.moe_mixin import MoEOutputs
 
 
 class Block(nn.Module):

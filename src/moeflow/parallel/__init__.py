@@ -40,7 +40,7 @@ Single-process equivalence: an EP layer on P ranks with `num_groups = g` routes 
 with `num_groups = P * g` on the concatenated batch (each rank's tokens are its own routing groups).
 """
 
-from moeflow.parallel.apply import (allreduce_gradients, clip_grad_norm_, expert_parameters, moe_layers, parallelize,
+from moeflow.parallel.apply import (allreduce_gradients, clip_grad_norm_, expert_parameters, parallelize,
                                     update_router_biases)
 from moeflow.parallel.checkpoint import (gather_full_optimizer_state, gather_full_state_dict,
                                          load_full_optimizer_state, load_full_state_dict)
@@ -52,7 +52,7 @@ from moeflow.parallel.launch import WorkerError, spawn_local
 from moeflow.parallel.watchdog import PeerFailureError, barrier_with_timeout, collective_guard, hang_watchdog
 
 __all__ = ["ParallelDims", "ParallelConfigError", "init_distributed", "is_main", "shutdown", "parallelize",
-           "allreduce_gradients", "clip_grad_norm_", "expert_parameters", "moe_layers", "AllToAllDispatcher",
+           "allreduce_gradients", "clip_grad_norm_", "expert_parameters", "AllToAllDispatcher",
            "EPDispatchPlan", "CommStats", "all_to_all", "exchange_counts", "gather_full_state_dict",
            "load_full_state_dict", "gather_full_optimizer_state", "load_full_optimizer_state", "DistributedHooks",
            "PeerFailureError", "barrier_with_timeout", "collective_guard", "hang_watchdog", "spawn_local",

@@ -20,16 +20,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moeflow.layers import MoELayer
+from moeflow.layers import moe_layers
 from moeflow.routing.deepseek import DeepSeekRouter
 from moeflow.parallel.ep_dispatch import AllToAllDispatcher
 from moeflow.parallel.groups import ParallelConfigError, ParallelDims
 from moeflow.parallel.watchdog import collective_guard
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    """Every MoELayer in the model with its qualified name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
 def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

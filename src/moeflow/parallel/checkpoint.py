@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeflow.parallel.apply import expert_parameters, moe_layers
+from moeflow.layers import moe_layers
+from moeflow.parallel.apply import expert_parameters
 from moeflow.parallel.groups import ParallelDims
 from moeflow.parallel.watchdog import collective_guard
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moeflow.analysis.routing_lang import LanguageRouting, routing_markdown
+from moeflow.layers import moe_layers
 from moeflow.models.seq2seq import Seq2SeqTransformer
 from moeflow.ops.threads import cpu_threads
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
@@ -54,8 +55,8 @@ def collect_language_routing(model: Seq2SeqTransformer, data: TranslateData, bat
     `shuffle_languages` permutes the language labels across the sentences of each batch (same batches): the MI
     of those tables is what finite samples give without any dependence, a baseline for the real MI.
     """
-    layers = model.moe_layers()
-    stats = {name: LanguageRouting(data.codes, layer.train_cfg.num_experts) for name, layer in layers}
+    layers = model.moe_ffns()
+    stats = {name: LanguageRouting(data.codes, layer.moe.cfg.num_experts) for name, layer in layers}
     was_training = model.training
     model.train(training_routing)
     for m in model.modules():
@@ -154,8 +155,8 @@ def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log:
             cpu_s += time.process_time() - c0
             n_tok = float((src != 0).sum() + (tout != 0).sum())
             train_s, tokens, win_time, win_tokens = train_s + dt, tokens + n_tok, win_time + dt, win_tokens + n_tok
-            layer_drops = [float(layer.moe.last_routing.dropped_fraction) for _, layer in model.moe_layers()
-                           if layer.moe.last_routing is not None]
+            layer_drops = [float(layer.last_routing.dropped_fraction) for _, layer in moe_layers(model)
+                           if layer.last_routing is not None]
             drops.append(statistics.fmean(layer_drops) if layer_drops else 0.0)
             out_of_time = cfg.cpu_limit_s > 0 and cpu_s >= cfg.cpu_limit_s
             if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:

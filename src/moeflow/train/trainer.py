@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from moeflow.analysis.stats import layer_stats, summarize_layers
 from moeflow.config import ConfigError
+from moeflow.layers import moe_layers
 from moeflow.models import MoETransformer
 from moeflow.routing.deepseek import update_router_biases
 from moeflow.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_optimizer_state_by_name,
@@ -317,7 +318,7 @@ class Trainer:
         self.optimizer.step()
         self.hooks.update_router_biases(self.model)
         self.step += 1
-        layers = layer_stats(self.model.routings()) if self.model.moe_layers() else []
+        layers = layer_stats(self.model.routings()) if moe_layers(self.model) else []
         ce_v = float(ce.detach())
         if self.hooks.world > 1:
             # each rank saw 1/world of the global batch: log the global-batch means, not rank 0's share
