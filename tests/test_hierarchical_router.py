@@ -96,14 +96,14 @@ def test_losses_are_one_at_perfect_balance() -> None:
     p_TGM = torch.full((4, 2, 2), 0.5, dtype=torch.float64)
     cluster_T = torch.tensor([0, 0, 1, 1])
     experts_TK = torch.tensor([[0], [1], [2], [3]])
-    losses = r._balance_losses(q_TG, cluster_T, p_TGM, experts_TK, torch.zeros(4, dtype=torch.long))
+    losses = r._balance_losses(q_TG, cluster_T, p_TGM, experts_TK, torch.zeros(4, dtype=torch.long), 1)
     assert float(losses["cluster_balance"]) == pytest.approx(1.0)
     assert float(losses["load_balance"]) == pytest.approx(1.0)
     # everything on expert 0 of cluster 0, and the gates agree (0.9): each loss = 0.9 x its number of choices
     q_skew = torch.tensor([[0.9, 0.1]] * 4, dtype=torch.float64)
     p_skew = torch.tensor([[[0.9, 0.1], [0.5, 0.5]]] * 4, dtype=torch.float64)
     zeros = torch.zeros(4, dtype=torch.long)
-    skewed = r._balance_losses(q_skew, zeros, p_skew, zeros.view(4, 1), zeros)
+    skewed = r._balance_losses(q_skew, zeros, p_skew, zeros.view(4, 1), zeros, 1)
     assert float(skewed["cluster_balance"]) == pytest.approx(1.8)
     assert float(skewed["load_balance"]) == pytest.approx(1.8)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moeflow.config import ConfigError, MoEConfig
+from moeflow.layers import moe_layers
 from moeflow.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, dense_counterpart
 from moeflow.models.seq2seq_decode import beam_search, greedy_decode
 
@@ -45,7 +46,7 @@ def test_encoder_padding_does_not_change_real_positions_in_training(groups: int)
     b = model.encode(padded)
     mask = src != 0
     torch.testing.assert_close(a[mask], b[:, :9][mask], rtol=1e-12, atol=1e-12)
-    assert float(model.moe_layers()[0][1].moe.last_routing.dropped_fraction) > 0  # capacity is really binding
+    assert float(moe_layers(model)[0][1].last_routing.dropped_fraction) > 0  # capacity is really binding
 
 
 def test_encoder_row_is_independent_of_other_rows_at_inference() -> None:
@@ -127,10 +128,11 @@ def test_dense_counterpart_has_equal_active_parameters() -> None:
     moe_model = make(moe_every=2)
     cfg = moe_model.cfg
     dense = Seq2SeqTransformer(dense_counterpart(cfg))
-    router_params = sum(layer.moe.router.weight.numel() for _, layer in moe_model.moe_layers())
+    router_params = sum(layer.router.weight.numel() for _, layer in moe_layers(moe_model))
     assert moe_model.num_params(active=True) == dense.num_params() + router_params
     assert moe_model.num_params() > moe_model.num_params(active=True)
-    assert [n for n, _ in moe_model.moe_layers()] == ["enc.1", "dec.1"]
+    assert [n for n, _ in moe_model.moe_ffns()] == ["enc.1", "dec.1"]
+    assert [n for n, _ in moe_layers(moe_model)] == ["encoder.1.ffn.moe", "decoder.1.ffn.moe"]
 
 
 def test_untied_embeddings_add_an_output_matrix() -> None:
@@ -142,9 +144,9 @@ def test_training_step_reaches_experts_and_routers() -> None:
     src, tgt = tokens(4, 6, 10, lengths=[6, 6, 3, 5]), tokens(4, 5, 11)
     ce, aux = model.loss(src, tgt, tokens(4, 5, 12))
     (ce + aux).backward()
-    for _, layer in model.moe_layers():
-        assert layer.moe.router.weight.grad is not None and layer.moe.router.weight.grad.abs().sum() > 0
-        assert layer.moe.experts.w_in.grad.abs().sum() > 0
+    for _, layer in moe_layers(model):
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+        assert layer.experts.w_in.grad.abs().sum() > 0
     assert 0 < float(aux.detach()) < 1
 
 

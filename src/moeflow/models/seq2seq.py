@@ -10,21 +10,20 @@ H = heads, Dh = head dim, V = vocabulary, N = tokens routed through an MoE layer
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeflow.config import ConfigError, MoEConfig
-from moeflow.layers import FFN, MoELayer, RMSNorm
+from moeflow.config import ACTIVATIONS, Config, ConfigError, MoEConfig, check_choice, check_int, check_number, need
+from moeflow.layers import FFN, MoELayer, RMSNorm, moe_layers
 from moeflow.models.attention import apply_rope, rope_cos_sin
+from moeflow.models.moe_mixin import MoEOutputs
 
 
 @dataclass(kw_only=True)
-class Seq2SeqConfig:
+class Seq2SeqConfig(Config):
     """Sizes of the encoder-decoder and which FFNs are MoE layers.
 
     FFN i of a stack (counting from 0) is an MoE layer iff `moe` is set and `i % moe_every == moe_every - 1`
@@ -51,34 +50,32 @@ class Seq2SeqConfig:
 
     def __post_init__(self) -> None:
         """Validate sizes and the MoE settings."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        for name in ("vocab_size", "d_model", "n_heads", "ffn_hidden", "moe_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 f"Seq2SeqConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("n_enc_layers", "n_dec_layers"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"Seq2SeqConfig.{name} must be >= 1, got {v!r}")
+        check_int(self, "vocab_size", "d_model", "n_heads", "n_enc_layers", "n_dec_layers", "ffn_hidden", "moe_every")
         need(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0,
              f"Seq2SeqConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads} into an even "
              "head dim (RoPE rotates pairs)")
-        need(0.0 <= self.dropout < 1.0, f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_choice(self, "activation", ACTIVATIONS)
+        check_number(self, "dropout", hi=1, hi_open=True)
+        check_number(self, "rope_theta", lo=0, lo_open=True)
+        check_number(self, "eval_capacity_factor", lo=0, lo_open=True, none="dropless")
         ids = (self.pad_id, self.bos_id, self.eos_id)
-        need(len(set(ids)) == 3 and all(0 <= i < self.vocab_size for i in ids),
+        need(len(set(ids)) == 3 and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids),
              f"pad/bos/eos ids {ids} must be distinct and below vocab_size={self.vocab_size}")
         if self.moe is not None:
             need(isinstance(self.moe, MoEConfig), f"Seq2SeqConfig.moe must be a MoEConfig or None, "
                                                   f"got {type(self.moe).__name__}")
             need(self.moe.d_model == self.d_model, f"Seq2SeqConfig.moe.d_model={self.moe.d_model} must equal "
                                                    f"d_model={self.d_model}")
+            need(self.moe.expert_capacity is None and not self.moe.group_by_sequence,
+                 "Seq2SeqConfig.moe: the MoE layers route the batch's non-padding tokens as one sequence; set "
+                 "capacity_factor and num_groups, not expert_capacity or group_by_sequence")
             need(self.num_moe_layers() > 0, f"moe_every={self.moe_every} exceeds both stacks' depths "
                                             f"({self.n_enc_layers}, {self.n_dec_layers}): no FFN would be MoE")
-        if self.eval_capacity_factor is not None:
-            need(self.eval_capacity_factor > 0, f"eval_capacity_factor must be > 0 or None (dropless), "
-                                                f"got {self.eval_capacity_factor}")
+
+    def layer_moe(self) -> MoEConfig:
+        """The MoE layers' config: `moe` with this model's inference capacity and one routing group at inference."""
+        assert self.moe is not None
+        return self.moe.replace(eval_capacity_factor=self.eval_capacity_factor, eval_num_groups=1)
 
     def is_moe(self, i: int) -> bool:
         """Whether FFN i of a stack is an MoE layer."""
@@ -88,26 +85,6 @@ class Seq2SeqConfig:
         """MoE layers over both stacks."""
         return sum(self.is_moe(i) for i in range(self.n_enc_layers)) + \
             sum(self.is_moe(i) for i in range(self.n_dec_layers))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able nested dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Seq2SeqConfig":
-        """Inverse of to_dict; unknown keys raise ConfigError."""
-        for klass, sub, where in ((cls, d, "Seq2SeqConfig"), (MoEConfig, d.get("moe") or {}, "Seq2SeqConfig.moe")):
-            unknown = sorted(set(sub) - {f.name for f in dataclasses.fields(klass)})
-            if unknown:
-                raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
-        d = dict(d)
-        if d.get("moe") is not None:
-            d["moe"] = MoEConfig(**d["moe"])
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "Seq2SeqConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
 
 
 def dense_counterpart(cfg: Seq2SeqConfig) -> Seq2SeqConfig:
@@ -174,7 +151,7 @@ class CrossAttention(nn.Module):
 
 
 class MoEFFN(nn.Module):
-    """An MoELayer that routes only the non-padding tokens and switches capacity between training and inference.
+    """An MoELayer that routes only the non-padding tokens; its config gives training and inference capacity.
 
     NOTE: with a capacity, training-time routing is not causal: a later token's first choice can take the slot of
     an earlier token's second choice (GShard and Switch decoders share this); inference is dropless by default, so
@@ -188,20 +165,15 @@ class MoEFFN(nn.Module):
     top-up rows).
     """
 
-    def __init__(self, cfg: MoEConfig, eval_capacity_factor: float | None) -> None:
-        """Wrap one MoELayer; the inference config is the training one with its own capacity and one group."""
+    def __init__(self, cfg: MoEConfig) -> None:
+        """Wrap one MoELayer built from `cfg` (Seq2SeqConfig.layer_moe(): the inference capacity is in it)."""
         super().__init__()
         self.moe = MoELayer(cfg)
-        self.train_cfg = cfg
-        self.eval_cfg = cfg.replace(capacity_factor=eval_capacity_factor, num_groups=1)
         self.last_batch_ids_N: Tensor | None = None
 
     def forward(self, x_BSD: Tensor, token_mask_BS: Tensor | None) -> Tensor:
         """[B, S, D] -> [B, S, D]; zero at padding positions."""
         b, s, d = x_BSD.shape
-        # NOTE: the router reads capacity, groups and random routing from its config at each call
-        cfg = self.train_cfg if self.training else self.eval_cfg
-        self.moe.router.cfg = cfg
         x_flat = x_BSD.reshape(b * s, d)
         if token_mask_BS is None:
             idx_N = None
@@ -212,7 +184,7 @@ class MoEFFN(nn.Module):
             x_ND = x_flat.index_select(0, idx_N)
             self.last_batch_ids_N = idx_N // s
         n = x_ND.shape[0]
-        extra = (-n) % cfg.num_groups
+        extra = (-n) % self.moe.cfg.groups(self.training)
         if extra:
             x_ND = torch.cat([x_ND, x_ND.new_zeros(extra, d)])
         y_ND = self.moe(x_ND)[:n]
@@ -233,8 +205,7 @@ class _Block(nn.Module):
         self.cross_attn = CrossAttention(d, cfg.n_heads) if cross else None
         self.ffn_norm = RMSNorm(d)
         assert cfg.moe is not None or not moe
-        self.ffn: nn.Module = (MoEFFN(cfg.moe, cfg.eval_capacity_factor) if moe  # type: ignore[arg-type]
-                               else FFN(d, cfg.ffn_hidden, cfg.activation))
+        self.ffn: nn.Module = MoEFFN(cfg.layer_moe()) if moe else FFN(d, cfg.ffn_hidden, cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor | None, causal: bool,
@@ -267,7 +238,7 @@ class DecodeState:
         self.self_kv = [[t.index_select(0, rows_B) for t in kv] for kv in self.self_kv]
 
 
-class Seq2SeqTransformer(nn.Module):
+class Seq2SeqTransformer(MoEOutputs, nn.Module):
     """Encoder-decoder with a shared source/target embedding; MoE FFNs where `cfg.is_moe(i)`."""
 
     def __init__(self, cfg: Seq2SeqConfig) -> None:
@@ -347,8 +318,11 @@ class Seq2SeqTransformer(nn.Module):
                              ignore_index=self.cfg.pad_id)
         return ce, self.aux_loss()
 
-    def moe_layers(self) -> list[tuple[str, MoEFFN]]:
-        """(name, layer) of every MoE FFN, encoder first: names like 'enc.1', 'dec.1'."""
+    def moe_ffns(self) -> list[tuple[str, MoEFFN]]:
+        """(name, wrapper) of every MoE FFN, encoder first: names like 'enc.1', 'dec.1' (their MoELayer is `.moe`).
+
+        The wrappers, not just `moe_layers(model)`, for what only they know: each routed token's batch row.
+        """
         out = []
         for prefix, stack in (("enc", self.encoder), ("dec", self.decoder)):
             for i, block in enumerate(stack):
@@ -356,20 +330,13 @@ class Seq2SeqTransformer(nn.Module):
                     out.append((f"{prefix}.{i}", block.ffn))
         return out
 
-    def aux_loss(self) -> Tensor:
-        """Sum of the MoE layers' scaled auxiliary losses from the last forward."""
-        total = self.embed.weight.new_zeros(())
-        for _, layer in self.moe_layers():
-            total = total + layer.moe.aux_loss
-        return total
-
     def num_params(self, active: bool = False) -> int:
         """Parameters (all, or those used per token: experts counted top_k / num_experts times)."""
         total = sum(p.numel() for p in self.parameters())
         if active:
-            for _, layer in self.moe_layers():
-                cfg = layer.train_cfg
-                expert = sum(p.numel() for p in layer.moe.experts.parameters())
+            for _, layer in moe_layers(self):
+                cfg = layer.cfg
+                expert = sum(p.numel() for p in layer.experts.parameters())
                 total -= expert - expert * cfg.top_k // cfg.num_experts
         return total
 

@@ -17,7 +17,6 @@ Shape legend: B = batch, S = query positions, L = key positions, H = heads, Dk =
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,15 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeflow.config import ConfigError, MoEConfig
-from moeflow.layers import FFN, MoELayer, RMSNorm
-from moeflow.ops.capacity import capacity_keep
-from moeflow.routing import Routing
-from moeflow.routing.log import log_routing
+from moeflow.config import ACTIVATIONS, Config, MoEConfig, check_choice, check_int, check_number
+from moeflow.layers import FFN, MoELayer, RMSNorm, moe_layers
+from moeflow.models.moe_mixin import MoEOutputs
 
 
 @dataclass(kw_only=True)
-class SwitchConfig:
+class SwitchConfig(Config):
     """Sizes and MoE placement of a Switch Transformer; layer i of a stack is sparse iff
     step > 0 and (i % step == 1 or step == 1) (HF's rule)."""
 
@@ -62,62 +59,26 @@ class SwitchConfig:
 
     def __post_init__(self) -> None:
         """Validate sizes."""
-        for name in ("vocab_size", "d_model", "d_kv", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers",
-                     "num_experts", "relative_buckets", "relative_max_distance"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"SwitchConfig.{name} must be a positive integer, got {v!r}")
-        if self.expert_capacity < 0:
-            raise ConfigError(f"SwitchConfig.expert_capacity must be >= 0, got {self.expert_capacity}")
+        check_int(self, "vocab_size", "d_model", "d_kv", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers",
+                  "num_experts", "relative_buckets", "relative_max_distance")
+        check_int(self, "encoder_sparse_step", "decoder_sparse_step", "expert_capacity", lo=0)
+        check_int(self, "decoder_start_token_id", lo=0, hi=self.vocab_size - 1)
+        check_choice(self, "activation", ACTIVATIONS)
+        check_number(self, "norm_eps", lo=0, hi=1, lo_open=True, hi_open=True)
+        check_number(self, "router_jitter", hi=1, hi_open=True)
+        check_number(self, "aux_loss_coef", "z_loss_coef")
 
     def moe_config(self) -> MoEConfig:
-        """The MoEConfig of every sparse layer (dropless in the router; capacity applied per sequence)."""
+        """The MoEConfig of every sparse layer: top-1, `expert_capacity` slots per expert in each sequence."""
         return MoEConfig(d_model=self.d_model, d_hidden=self.d_ff, num_experts=self.num_experts, top_k=1,
                          router="switch", activation=self.activation, jitter_eps=self.router_jitter,
+                         expert_capacity=self.expert_capacity, group_by_sequence=True,
                          aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_bias=self.router_bias)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-able)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SwitchConfig":
-        """Inverse of to_dict."""
-        return cls(**d)
 
 
 def is_sparse_layer(i: int, step: int) -> bool:
     """HF's placement of MoE layers in a stack."""
     return step > 0 and (i % step == 1 or step == 1)
-
-
-def per_sequence_capacity(routing: Routing, seq_len: int, capacity: int) -> Routing:
-    """The same routing with at most `capacity` tokens per expert per sequence, earlier positions first."""
-    n = routing.expert_ids_N.numel()
-    seq_N = routing.token_ids_N // seq_len
-    kept_N = capacity_keep(routing.expert_ids_N, seq_N, torch.arange(n, device=seq_N.device), routing.routed_N,
-                           routing.num_experts, routing.num_tokens // seq_len, capacity)
-    return dataclasses.replace(routing, kept_N=kept_N, capacity=capacity)
-
-
-class SwitchSparseMLP(MoELayer):
-    """Top-1 MoE FFN with a fixed capacity per sequence; input [B, S, D]."""
-
-    def __init__(self, cfg: MoEConfig, expert_capacity: int) -> None:
-        """An MoELayer plus the per-sequence capacity."""
-        super().__init__(cfg)
-        self.expert_capacity = expert_capacity
-
-    def forward(self, x: Tensor) -> Tensor:
-        """route -> per-sequence capacity -> dispatch -> experts -> combine."""
-        if x.dim() != 3:
-            raise ValueError(f"SwitchSparseMLP expects [batch, seq, d_model], got {tuple(x.shape)}")
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = per_sequence_capacity(self.router(x_TD), x.shape[1], self.expert_capacity)
-        y_TD = self.dispatch_experts_combine(x_TD, routing)
-        self.last_routing = routing
-        log_routing(self, routing)
-        return y_TD.view(x.shape).to(x.dtype)
 
 
 def check_attention_mask(attention_mask: Tensor, input_ids: Tensor) -> Tensor:
@@ -189,8 +150,8 @@ class SwitchBlock(nn.Module):
             self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.cross_attention = T5Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn: SwitchSparseMLP | FFN = (SwitchSparseMLP(cfg.moe_config(), cfg.expert_capacity) if sparse
-                                           else FFN(cfg.d_model, cfg.d_ff, cfg.activation))
+        # the sparse FFN routes [B, S, D] with one routing group per sequence (HF's per-sequence capacity)
+        self.ffn = MoELayer(cfg.moe_config()) if sparse else FFN(cfg.d_model, cfg.d_ff, cfg.activation)
 
     def forward(self, x: Tensor, bias: Tensor, self_kv: tuple[Tensor, Tensor] | None = None,
                 cross_kv: tuple[Tensor, Tensor] | None = None, cross_bias: Tensor | None = None) -> Tensor:
@@ -288,7 +249,7 @@ class SwitchCache:
         return kv
 
 
-class SwitchTransformer(nn.Module):
+class SwitchTransformer(MoEOutputs, nn.Module):
     """forward(input_ids [B, S_enc], decoder_input_ids [B, S], attention_mask [B, S_enc] | None) -> logits [B, S, V]."""
 
     def __init__(self, cfg: SwitchConfig) -> None:
@@ -315,7 +276,7 @@ class SwitchTransformer(nn.Module):
             elif p.dim() >= 2:
                 embedding = name == "shared.weight" or name.endswith("embed_tokens.weight")
                 nn.init.normal_(p, std=1.0 if embedding else p.shape[-1] ** -0.5)
-        for m in self.moe_layers():
+        for _, m in moe_layers(self):
             m.router.reset_parameters()
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -368,14 +329,3 @@ class SwitchTransformer(nn.Module):
             if eos_token_id is not None and bool(done.all()):
                 break
         return out
-
-    def moe_layers(self) -> list[SwitchSparseMLP]:
-        """The sparse FFNs, encoder first."""
-        return [m for m in self.modules() if isinstance(m, SwitchSparseMLP)]
-
-    def aux_loss(self) -> Tensor:
-        """Sum of the sparse layers' scaled auxiliary losses from the last forward."""
-        total = torch.zeros((), device=self.shared.weight.device)
-        for m in self.moe_layers():
-            total = total + m.aux_loss
-        return total

@@ -118,13 +118,19 @@ class Selection:
     aux_loss: Tensor | None = None
     probs_TE: Tensor | None = None  # None: the template's scores(logits); set by routers whose probabilities
     # are not a function of the expert logits alone (hierarchical: cluster prob x within-cluster prob)
+    # expert choice: the experts choose, so the assignments are given flat (experts_KT, weights_KT as [1, N] with
+    # these tokens) and already fill exactly `capacity` slots each: the template applies no capacity of its own
+    token_ids_N: Tensor | None = None
+    capacity: int | None = None
 
 
 class Router(nn.Module):
     """Template: gate (fp32 logits) -> select (per router) -> capacity (shared) -> Routing.
 
-    Subclasses implement `select(x_TD, logits_TE, probs_TE, group_T)`; capacity and dropping are applied
-    here, once, for every token-choice router.
+    Subclasses implement `select(x_TD, logits_TE, probs_TE, group_T, num_groups)`; routing groups, capacity,
+    dropping and the z-loss are applied here, once, for every router. Everything the template reads is in the
+    config, per mode: train/eval capacity (`MoEConfig.capacity`) and groups (`MoEConfig.groups`), or one group
+    per sequence (`group_by_sequence`, from the `seq_len` of the layer's input).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -158,21 +164,32 @@ class Router(nn.Module):
             bias = None if self.bias is None else self.bias.to(dtype)
             return nn.functional.linear(self.gate_input(x_TD).to(dtype), self.weight.to(dtype), bias)
 
-    def group_ids(self, num_tokens: int, device: torch.device) -> Tensor:
-        """Group of each token: G contiguous, equal groups (GShard local groups)."""
-        g = self.cfg.num_groups
+    def num_groups(self, num_tokens: int, seq_len: int | None) -> int:
+        """Routing groups of this forward: one per sequence (group_by_sequence), else the mode's fixed count."""
+        if self.cfg.group_by_sequence:
+            if seq_len is None or seq_len < 1 or num_tokens % seq_len:
+                raise ValueError(f"group_by_sequence routes each sequence as its own group: the MoE layer needs "
+                                 f"inputs [batch, seq, {self.cfg.d_model}], got {num_tokens} tokens with "
+                                 f"seq_len={seq_len}")
+            return max(num_tokens // seq_len, 1)
+        g = self.cfg.groups(self.training)
         if num_tokens % g:
             raise ValueError(f"num_groups={g} must divide the number of tokens ({num_tokens}); "
                              "pick a num_groups that divides batch*sequence length")
-        return torch.arange(num_tokens, device=device) // (num_tokens // g)
+        return g
+
+    def group_ids(self, num_tokens: int, num_groups: int, device: torch.device) -> Tensor:
+        """Group of each token: G contiguous, equal groups (GShard local groups, or sequences)."""
+        return torch.arange(num_tokens, device=device) // max(num_tokens // num_groups, 1)
 
     def scores(self, logits_TE: Tensor) -> Tensor:
         """Router probabilities from logits (softmax by default)."""
         return torch.softmax(logits_TE, dim=-1)
 
-    def balance_loss(self, probs_TE: Tensor, experts_KT: Tensor, routed_KT: Tensor | None, group_T: Tensor) -> Tensor:
+    def balance_loss(self, probs_TE: Tensor, experts_KT: Tensor, routed_KT: Tensor | None, group_T: Tensor,
+                     num_groups: int) -> Tensor:
         """Switch-style load-balance loss per routing group over all K choices (1 at balance), mean over groups."""
-        g, e = self.cfg.num_groups, self.num_experts
+        g, e = num_groups, self.num_experts
         k, t = experts_KT.shape
         bucket = (group_T.unsqueeze(0) * e + experts_KT).reshape(-1)
         if routed_KT is not None:
@@ -180,35 +197,45 @@ class Router(nn.Module):
         counts_GE = torch.bincount(bucket, minlength=g * e).view(g, e)
         return switch_balance_loss(probs_TE.view(g, t // g, e), counts_GE, k)
 
-    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor) -> Selection:
-        """Choose K experts per token and their combine weights."""
+    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
+               num_groups: int) -> Selection:
+        """Choose K experts per token and their combine weights (group_T [T]: each token's routing group)."""
         raise NotImplementedError
 
-    def forward(self, x_TD: Tensor) -> Routing:
-        """Route T tokens [T, D] and return the full Routing record (capacity applied)."""
+    def forward(self, x_TD: Tensor, seq_len: int | None = None) -> Routing:
+        """Route T tokens [T, D] and return the full Routing record (capacity applied).
+
+        `seq_len`: the length S of the sequences the tokens come from (the layer's input was [B, S, D]); only
+        `group_by_sequence` reads it.
+        """
         if x_TD.dim() != 2 or x_TD.shape[1] != self.cfg.d_model:
             raise ValueError(f"router expects [tokens, {self.cfg.d_model}], got {tuple(x_TD.shape)}")
         t = x_TD.shape[0]
-        group_T = self.group_ids(t, x_TD.device)
+        g = self.num_groups(t, seq_len)
+        group_T = self.group_ids(t, g, x_TD.device)
         logits_TE = self.logits(x_TD)
         probs_TE = self.scores(logits_TE)
-        sel = self.select(x_TD, logits_TE, probs_TE, group_T)
-        k = sel.experts_KT.shape[0]
+        sel = self.select(x_TD, logits_TE, probs_TE, group_T, g)
         expert_ids_N = sel.experts_KT.reshape(-1)
-        token_ids_N = torch.arange(t, device=x_TD.device).repeat(k)
-        routed_N = (torch.ones_like(expert_ids_N, dtype=torch.bool) if sel.routed_KT is None
-                    else sel.routed_KT.reshape(-1))
-        capacity = self.cfg.capacity(t // self.cfg.num_groups)
-        if capacity is None:
-            kept_N = routed_N
+        if sel.token_ids_N is not None:  # expert choice: every chosen assignment fits by construction
+            k, token_ids_N, capacity = 0, sel.token_ids_N, sel.capacity
+            routed_N = kept_N = torch.ones_like(expert_ids_N, dtype=torch.bool)
         else:
-            if self.cfg.drop_policy == "position":
-                # slot-major assignment order: all first choices (in token order) before any second choice
-                priority_N = torch.arange(k * t, device=x_TD.device)
+            k = sel.experts_KT.shape[0]
+            token_ids_N = torch.arange(t, device=x_TD.device).repeat(k)
+            routed_N = (torch.ones_like(expert_ids_N, dtype=torch.bool) if sel.routed_KT is None
+                        else sel.routed_KT.reshape(-1))
+            capacity = self.cfg.capacity(t // g, self.training)
+            if capacity is None:
+                kept_N = routed_N
             else:
-                priority_N = -sel.weights_KT.detach().reshape(-1)
-            kept_N = capacity_keep(expert_ids_N, group_T.repeat(k), priority_N, routed_N,
-                                   self.num_experts, self.cfg.num_groups, capacity)
+                if self.cfg.drop_policy == "position":
+                    # slot-major assignment order: all first choices (in token order) before any second choice
+                    priority_N = torch.arange(k * t, device=x_TD.device)
+                else:
+                    priority_N = -sel.weights_KT.detach().reshape(-1)
+                kept_N = capacity_keep(expert_ids_N, group_T.repeat(k), priority_N, routed_N,
+                                       self.num_experts, g, capacity)
         losses = dict(sel.losses)
         aux = sel.aux_loss if sel.aux_loss is not None else logits_TE.new_zeros(())
         if self.cfg.z_loss_coef:

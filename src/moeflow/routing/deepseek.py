@@ -76,7 +76,8 @@ class DeepSeekRouter(Router):
         s_TE = self.affinities(logits_TE)
         return s_TE / s_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
-    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor) -> Selection:
+    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
+               num_groups: int) -> Selection:
         """Top-k of (s + b) within the eligible groups; weights from s alone."""
         cfg = self.cfg
         s_TE = self.affinities(logits_TE)
@@ -90,7 +91,7 @@ class DeepSeekRouter(Router):
             w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
         w_TK = w_TK * cfg.routed_scaling_factor
         experts_KT, weights_KT = e_TK.t(), w_TK.t()
-        losses = {"load_balance": self.balance_loss(probs_TE, experts_KT, None, group_T)}
+        losses = {"load_balance": self.balance_loss(probs_TE, experts_KT, None, group_T, num_groups)}
         return Selection(experts_KT, weights_KT, None, losses, cfg.aux_loss_coef * losses["load_balance"])
 
     @torch.no_grad()

@@ -19,7 +19,8 @@ class GShardRouter(Router):
     counts and m_e the mean gate, averaged over groups (1 at balance).
     """
 
-    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor) -> Selection:
+    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
+               num_groups: int) -> Selection:
         """Top-2 with the second choice kept at random in proportion to its gate."""
         g_T2, e_T2 = top_k(probs_TE, 2)
         g_T2 = g_T2 / g_T2.sum(-1, keepdim=True).clamp_min(torch.finfo(g_T2.dtype).tiny)
@@ -28,7 +29,7 @@ class GShardRouter(Router):
             u_T = torch.rand(g_T2.shape[0], device=g_T2.device, dtype=g_T2.dtype)
             second = 2.0 * g_T2[:, 1].detach() > u_T
             routed_KT = torch.stack([torch.ones_like(second), second])
-        g, e = self.cfg.num_groups, self.num_experts
+        g, e = num_groups, self.num_experts
         t = probs_TE.shape[0]
         loss = gshard_aux_loss(probs_TE.view(g, t // g, e), e_T2[:, 0].reshape(g, t // g))
         losses = {"load_balance": loss}

@@ -44,7 +44,8 @@ class HierarchicalRouter(Router):
         with torch.autocast(x_TD.device.type, enabled=False):
             return nn.functional.linear(self.gate_input(x_TD).to(dtype), self.cluster_weight.to(dtype))
 
-    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor) -> Selection:
+    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
+               num_groups: int) -> Selection:
         """Cluster by argmax of q, then top-k within the cluster."""
         g_clusters, e, k = self.num_clusters, self.num_experts, self.top_k
         m = e // g_clusters
@@ -60,14 +61,14 @@ class HierarchicalRouter(Router):
         w_TK = q_T * w_TK
         experts_TK = cluster_T.unsqueeze(1) * m + local_TK
         joint_TE = (q_TG.unsqueeze(-1) * p_TGM).reshape(t, e)
-        losses = self._balance_losses(q_TG, cluster_T, p_TGM, experts_TK, group_T)
+        losses = self._balance_losses(q_TG, cluster_T, p_TGM, experts_TK, group_T, num_groups)
         aux = self.cfg.aux_loss_coef * (losses["cluster_balance"] + losses["load_balance"])
         return Selection(experts_TK.t(), w_TK.t(), None, losses, aux, probs_TE=joint_TE)
 
     def _balance_losses(self, q_TG: Tensor, cluster_T: Tensor, p_TGM: Tensor, experts_TK: Tensor,
-                        group_T: Tensor) -> dict[str, Tensor]:
+                        group_T: Tensor, n_groups: int) -> dict[str, Tensor]:
         """Both levels' Switch-style losses per routing group (see the class docstring), averaged over groups."""
-        n_groups, (t, g_clusters, m), k = self.cfg.num_groups, p_TGM.shape, experts_TK.shape[1]
+        (t, g_clusters, m), k = p_TGM.shape, experts_TK.shape[1]
         tg = t // n_groups
         dtype = q_TG.dtype
         # level 1: clusters

@@ -23,7 +23,8 @@ class NoisyTopKRouter(Router):
         super().__init__(cfg)
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
 
-    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor) -> Selection:
+    def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
+               num_groups: int) -> Selection:
         """Noisy top-k with softmax over the kept logits."""
         k, e = self.top_k, self.num_experts
         t = logits_TE.shape[0]
@@ -39,7 +40,7 @@ class NoisyTopKRouter(Router):
         top_vals, top_idx = torch.topk(h_TE, top_k1, dim=-1)
         gates_TK = torch.softmax(top_vals[:, :k], dim=-1)
         gates_TE = torch.zeros_like(h_TE).scatter(1, top_idx[:, :k], gates_TK)
-        g = self.cfg.num_groups
+        g = num_groups
         importance = torch.stack([cv_squared(s) for s in gates_TE.view(g, t // g, e).sum(1)]).mean()
         if noisy and k < e:
             # P(x, e) = Pr[l_e + noise beats the k-th largest of H among the other experts]
