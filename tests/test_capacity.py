@@ -19,6 +19,7 @@ import reference as ref
 from moeflow import MoEConfig, MoELayer
 from moeflow.config import expert_capacity
 from moeflow.ops.capacity import capacity_keep
+from moeflow.routing import build_router
 
 
 @given(cf_cents=st.integers(1, 400), k=st.integers(1, 4), tokens=st.integers(0, 300), e=st.integers(4, 16),
@@ -145,3 +146,57 @@ def test_capacity_smaller_than_needed_drops_the_excess(make_moe, randn) -> None:
     rt = layer.last_routing
     assert rt.capacity == 2 and rt.tokens_per_expert.tolist() == [2, 2, 2, 2]
     assert rt.dropped_fraction.item() == pytest.approx(1 - 8 / 48)
+
+
+def _twin(cfg: MoEConfig, old: MoEConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Routers for two configs with the same weights."""
+    new_r, old_r = build_router(cfg), build_router(old)
+    old_r.load_state_dict(new_r.state_dict())
+    return new_r, old_r
+
+
+def test_capacity_per_sequence_equals_dropless_routing_then_capacity_per_sequence() -> None:
+    """expert_capacity + group_by_sequence (the Switch preset) keep exactly what the old SwitchSparseMLP kept:
+    route dropless, then at most C tokens per expert within each sequence, earlier positions first."""
+    torch.manual_seed(0)
+    b, s, d, e, c = 3, 10, 8, 4, 2
+    cfg = MoEConfig(d_model=d, d_hidden=4, num_experts=e, top_k=1, router="switch", jitter_eps=0.0,
+                    expert_capacity=c, group_by_sequence=True)
+    new_r, old_r = _twin(cfg, cfg.replace(expert_capacity=None, group_by_sequence=False))
+    x = torch.randn(b * s, d)
+    new, old = new_r(x, seq_len=s), old_r(x)
+    n = old.expert_ids_N.numel()
+    kept_old = capacity_keep(old.expert_ids_N, old.token_ids_N // s, torch.arange(n), old.routed_N, e, b, c)
+    assert not bool(kept_old.all())  # the capacity really binds
+    assert torch.equal(new.kept_N, kept_old) and new.capacity == c
+    assert torch.equal(new.expert_ids_N, old.expert_ids_N) and torch.equal(new.weights_N, old.weights_N)
+    for i in range(b):  # each sequence routes as if it were alone
+        alone = new_r(x[i * s:(i + 1) * s], seq_len=s)
+        assert torch.equal(alone.kept_N, new.kept_N[i * s:(i + 1) * s])
+    layer = MoELayer(cfg)  # the layer passes the S of its [B, S, D] input
+    layer.router.load_state_dict(new_r.state_dict())
+    layer(x.view(b, s, d))
+    assert layer.last_routing is not None and torch.equal(layer.last_routing.kept_N, kept_old)
+    with pytest.raises(ValueError, match=r"group_by_sequence .* needs inputs \[batch, seq, 8\]"):
+        layer(x)
+
+
+def test_eval_capacity_and_groups_come_from_the_config_in_eval_mode() -> None:
+    """eval_capacity_factor / eval_num_groups give in eval what the old per-call config swap of MoEFFN gave
+    (capacity_factor and num_groups replaced), and leave training routing as it was."""
+    cfg = MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=2, router="gshard", capacity_factor=0.5,
+                    num_groups=2, eval_capacity_factor=0.75, eval_num_groups=1)
+    plain = cfg.replace(eval_capacity_factor="train", eval_num_groups=None)
+    x = torch.randn(12, 8)
+    for training, old in ((True, plain), (False, plain.replace(capacity_factor=0.75, num_groups=1))):
+        new_r, old_r = _twin(cfg, old)
+        new_r.train(training), old_r.train(training)
+        torch.manual_seed(1)
+        a = new_r(x)
+        torch.manual_seed(1)
+        b = old_r(x)
+        assert a.capacity == b.capacity == (2 if training else 5) and not bool(a.kept_N[a.routed_N].all())
+        for name in ("expert_ids_N", "weights_N", "routed_N", "kept_N"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (training, name)
+    dropless = build_router(cfg.replace(eval_capacity_factor=None)).eval()(x)
+    assert dropless.capacity is None and torch.equal(dropless.kept_N, dropless.routed_N)

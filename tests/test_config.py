@@ -1,4 +1,5 @@
-"""MoEConfig: validation errors name the field at fault; router defaults resolve to each paper's values."""
+"""Configs: validation errors name the field at fault and its range; router defaults resolve to each paper's values;
+every config class round-trips through a dict and rejects an unknown key, at any depth, by its name."""
 
 from __future__ import annotations
 
@@ -92,3 +93,117 @@ def test_every_accepted_router_name_can_be_built() -> None:
         k = 1 if name == "switch" else 2
         router = build_router(MoEConfig(**BASE, router=name, top_k=k))
         assert isinstance(router, ROUTERS[name]) and tuple(router.weight.shape) == (8, 8)
+
+
+# ------------------------------------------------------------------------------------------- every config class
+def _config_instances() -> dict[str, object]:
+    """One valid instance of every config class, nested ones included."""
+    from moeflow.models import MODEL_PRESETS
+    from moeflow.models.deepseek import DeepSeekConfig
+    from moeflow.models.seq2seq import Seq2SeqConfig
+    from moeflow.models.switch_t5 import SwitchConfig
+    from moeflow.tasks.translate import translate_preset
+    from moeflow.train.config import DataConfig, TrainConfig, get_preset
+
+    moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2, router="deepseek")
+    return {
+        "MoEConfig": MoEConfig(**BASE),
+        "ModelConfig": MODEL_PRESETS["tiny"](),
+        "DeepSeekConfig": DeepSeekConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, kv_lora_rank=8,
+                                         qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, ffn_hidden=32,
+                                         first_dense_layers=1, moe=moe),
+        "Seq2SeqConfig": Seq2SeqConfig(vocab_size=20, d_model=16, n_heads=2, moe=moe.replace(router="topk")),
+        "SwitchConfig": SwitchConfig(vocab_size=20, d_model=8, d_kv=4, n_heads=2, d_ff=16, n_encoder_layers=2,
+                                     n_decoder_layers=2),
+        "TranslateConfig": translate_preset("tiny"),
+        "RunConfig": get_preset("tiny"),
+        "TrainConfig": TrainConfig(),
+        "DataConfig": DataConfig(),
+    }
+
+
+CONFIGS = _config_instances()
+# (class, dotted path of a nested config inside it, a real key there): the typo must be reported at its place
+NESTED = [("ModelConfig", "moe", "top_k"), ("DeepSeekConfig", "moe", "n_group"), ("Seq2SeqConfig", "moe", "top_k"),
+          ("TranslateConfig", "model", "moe_every"), ("TranslateConfig", "model.moe", "capacity_factor"),
+          ("RunConfig", "model.moe", "num_experts"), ("RunConfig", "train", "warmup"),
+          ("RunConfig", "data", "val_fraction")]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_round_trips_and_rejects_an_unknown_key_by_name(name: str) -> None:
+    """to_dict is JSON-able and from_dict inverts it; an unknown key fails with its name, the class and the
+    closest real key (a typo is never silently ignored)."""
+    import json
+
+    cfg = CONFIGS[name]
+    d = cfg.to_dict()
+    assert type(cfg).from_dict(json.loads(json.dumps(d))) == cfg
+    real = next(iter(d))
+    typo = real[:-1]  # e.g. vocab_siz
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) in {name}: {typo} \(did you mean {real}\b"):
+        type(cfg).from_dict({**d, typo: 1})
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) in {name}: zzz_not_a_field; known keys: "):
+        type(cfg).from_dict({**d, "zzz_not_a_field": 1})
+
+
+@pytest.mark.parametrize("name, path, real", NESTED, ids=[f"{n}.{p}" for n, p, _ in NESTED])
+def test_nested_unknown_keys_are_named_at_their_dotted_place(name: str, path: str, real: str) -> None:
+    cfg = CONFIGS[name]
+    d = cfg.to_dict()
+    node = d
+    for part in path.split("."):
+        node = node[part]
+    node[real + "s_"] = 1
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) in {name}\.{path}: {real}s_ \(did you mean {real}\b"):
+        type(cfg).from_dict(d)
+
+
+def test_from_dict_names_missing_fields_and_non_mappings() -> None:
+    from moeflow.models import ModelConfig
+
+    d = CONFIGS["ModelConfig"].to_dict()
+    del d["moe"]["d_hidden"]
+    with pytest.raises(ConfigError, match=r"incomplete config: ModelConfig\.moe is missing required field\(s\) "
+                                          r"d_hidden"):
+        ModelConfig.from_dict(d)
+    with pytest.raises(ConfigError, match=r"ModelConfig\.moe must be a mapping of MoEConfig fields, got int"):
+        ModelConfig.from_dict({**d, "moe": 3})
+    with pytest.raises(ConfigError, match=r"MoEConfig must be a mapping of field names to values, got list"):
+        MoEConfig.from_dict([1, 2])
+
+
+# (config, bad fields, the message: the field, its range or choices, and the value)
+RANGES = [
+    ("ModelConfig", dict(init_std=1e20), r"ModelConfig\.init_std must be in \(0, 1\), got 1e\+20"),
+    ("ModelConfig", dict(norm_eps=0.0), r"ModelConfig\.norm_eps must be in \(0, 1\), got 0\.0"),
+    ("ModelConfig", dict(first_dense_layers=9), r"ModelConfig\.first_dense_layers must be an integer in \[0, 4\]"),
+    ("ModelConfig", dict(rope_theta=-1.0), r"ModelConfig\.rope_theta must be a finite number > 0, got -1\.0"),
+    ("DeepSeekConfig", dict(init_std=float("nan")), r"DeepSeekConfig\.init_std must be in \(0, 1\), got nan"),
+    ("DeepSeekConfig", dict(q_lora_rank=0), r"q_lora_rank must be a positive integer \(or None for one query"),
+    ("SwitchConfig", dict(expert_capacity=-1), r"SwitchConfig\.expert_capacity must be an integer >= 0, got -1"),
+    ("SwitchConfig", dict(activation="tanh"), r"SwitchConfig\.activation='tanh' is unknown; choose one of swiglu"),
+    ("SwitchConfig", dict(router_jitter=1.0), r"SwitchConfig\.router_jitter must be in \[0, 1\), got 1\.0"),
+    ("Seq2SeqConfig", dict(dropout=1.0), r"Seq2SeqConfig\.dropout must be in \[0, 1\), got 1\.0"),
+    ("Seq2SeqConfig", dict(eval_capacity_factor=0), r"eval_capacity_factor must be a finite number > 0 "
+                                                    r"\(or None for dropless\), got 0"),
+    ("TrainConfig", dict(lr=0.0), r"train\.lr must be a finite number > 0, got 0\.0"),
+    ("TrainConfig", dict(beta2=1.0), r"train\.beta2 must be in \[0, 1\), got 1\.0"),
+    ("TrainConfig", dict(min_lr_ratio=2.0), r"train\.min_lr_ratio must be in \[0, 1\], got 2\.0"),
+    ("TrainConfig", dict(warmup=-1), r"train\.warmup must be an integer >= 0, got -1"),
+    ("DataConfig", dict(bin_dtype="int8"), r"data\.bin_dtype='int8' is unknown; choose one of uint8, uint16"),
+    ("TranslateConfig", dict(heldout_percent=100), r"TranslateConfig\.heldout_percent must be an integer in \[1, 99\]"),
+    ("MoEConfig", dict(router="topkk"), r"router='topkk' is unknown; choose one of .* \(did you mean topk\?\)"),
+    ("MoEConfig", dict(expert_capacity=4, capacity_factor=1.0), r"expert_capacity=4 fixes the capacity"),
+    ("MoEConfig", dict(group_by_sequence=True, num_groups=2), r"group_by_sequence .* leave num_groups=1"),
+    ("MoEConfig", dict(eval_capacity_factor="same"), r"eval_capacity_factor must be a finite number > 0 \(or None for "
+                                                     r"dropless, or 'train' for capacity_factor\), got 'same'"),
+    ("MoEConfig", dict(eval_num_groups=0), r"eval_num_groups must be a positive integer \(or None for num_groups\)"),
+]
+
+
+@pytest.mark.parametrize("name, fields, message", RANGES, ids=[f"{n}.{next(iter(f))}" for n, f, _ in RANGES])
+def test_validators_name_the_field_its_range_and_the_value(name: str, fields: dict, message: str) -> None:
+    """Every config validates with the same helpers, so every message reads the same way."""
+    with pytest.raises(ConfigError, match=message):
+        CONFIGS[name].replace(**fields)  # type: ignore[attr-defined]
