@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 ROUTER_NAMES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "deepseek", "hierarchical")
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu")
+GATED = ("swiglu", "geglu")  # gated activations: the input projection is [gate; up], 2H wide
+ACTIVATIONS = GATED + ("relu", "gelu", "silu")
 DROP_POLICIES = ("position", "probs")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm", "bmm")
 
@@ -66,6 +67,8 @@ class MoEConfig:
     shared_d_hidden: int = 0
     shared_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w_gate)
     expert_impl: str = "auto"
+    # CPU worker threads of the experts' pool (ops/threads.py); None: as many as torch's intra-op threads
+    cpu_workers: int | None = None
     router_bias: bool = False  # linear bias on the router logits (most references have none)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class MoEConfig:
              f"MoEConfig.drop_policy={self.drop_policy!r} is unknown; choose one of {', '.join(DROP_POLICIES)}")
         need(self.expert_impl in EXPERT_IMPLS,
              f"MoEConfig.expert_impl={self.expert_impl!r} is unknown; choose one of {', '.join(EXPERT_IMPLS)}")
+        need(self.cpu_workers is None or (isinstance(self.cpu_workers, int) and self.cpu_workers >= 1),
+             f"MoEConfig.cpu_workers={self.cpu_workers!r} must be an int >= 1, or None to follow torch's threads")
         need(self.top_k <= self.num_experts,
              f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}; "
              "a token cannot choose more experts than exist")

@@ -114,7 +114,8 @@ class SwitchSparseMLP(MoELayer):
             raise ValueError(f"SwitchSparseMLP expects [batch, seq, d_model], got {tuple(x.shape)}")
         x_TD = x.reshape(-1, x.shape[-1])
         routing = per_sequence_capacity(self.router(x_TD), x.shape[1], self.expert_capacity)
-        y_TD = self.dispatch_experts_combine(x_TD, routing)
+        x_in, plan = self.dispatcher.dispatch(x_TD, routing)
+        y_TD = self.dispatcher.combine(self.experts(x_in, plan.rows), plan)
         self.last_routing = routing
         log_routing(self, routing)
         return y_TD.view(x.shape).to(x.dtype)
