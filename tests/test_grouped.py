@@ -14,7 +14,7 @@ import torch
 
 import moeflow.ops.tuning as tuning_mod
 from moeflow import GroupedExperts
-from moeflow.experts import activate
+from reference import activation as activate
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
 from moeflow.ops.rows import ExpertRows, TokenRows

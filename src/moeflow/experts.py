@@ -9,28 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.config import GATED, MoEConfig
 from moeflow.ops.grouped import grouped_linear, resolve_impl
-from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
+from moeflow.ops.grouped_mlp import GradBuffers, activate, grouped_mlp
 from moeflow.ops.rows import ExpertRows
 from moeflow.ops.threads import ExpertPool
-
-
-def activate(h: Tensor, activation: str) -> Tensor:
-    """Apply the FFN nonlinearity; gated ones split h into (gate, up) halves."""
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "silu":
-        return F.silu(h)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 class GroupedExperts(nn.Module):

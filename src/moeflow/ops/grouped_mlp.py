@@ -55,17 +55,23 @@ def _costs(blocks: list[tuple[int, list[tuple[int, int]]]], w_in_EFD: Tensor) ->
 
 
 def _activation(h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
-    """(act(h), act(gate)); the second, which the backward reuses, only for gated activations."""
-    if activation == "swiglu" or activation == "geglu":
-        half = h.shape[1] // 2
-        gate, up = h[:, :half], h[:, half:]
+    """(act(h), act(gate)) over the last dim; the second, which the backward reuses, only for gated ones."""
+    if activation in GATED:
+        gate, up = h.chunk(2, dim=-1)
         act_gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate)
         return act_gate * up, act_gate
     if activation == "relu":
         return F.relu(h), None
     if activation == "gelu":
         return F.gelu(h), None
-    return F.silu(h), None
+    if activation == "silu":
+        return F.silu(h), None
+    raise ValueError(f"unknown activation {activation!r}; use one of {ACTIVATIONS}")
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """The FFN nonlinearity (config.ACTIVATIONS); gated ones split h into (gate, up) halves of the last dim."""
+    return _activation(h, activation)[0]
 
 
 def _nonlinearity_backward(grad: Tensor, x: Tensor, out: Tensor, name: str) -> None:
