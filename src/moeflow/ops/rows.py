@@ -66,9 +66,10 @@ class TokenRows:
             return y_RD.new_zeros(self.num_tokens, y_RD.shape[1])
         # NOTE: CPU index_add is serial over rows (2.3 ms for [8192, 512] -> [4096, 512] on 2 cores) and needs a
         # zero-filled output; embedding_bag's sum is parallel over bags and writes each output row once (0.8 ms).
-        # Below tuning().bag_min_elems embedding_bag's fixed cost (about 45 us) dominates (decode steps: a few rows); both
-        # add each token's rows in ascending row order, so the two give the same bits.
-        if y_RD.numel() < tuning().bag_min_elems:
+        # Below tuning().bag_min_elems embedding_bag's fixed cost (about 45 us) dominates (decode steps: a few
+        # rows); both add each token's rows in ascending row order, so the two give the same bits. Off the CPU
+        # always embedding_bag: CUDA's index_add uses atomics (summation order, hence bits, vary for K > 2).
+        if y_RD.is_cpu and y_RD.numel() < tuning().bag_min_elems:
             return y_RD.new_zeros(self.num_tokens, y_RD.shape[1]).index_add_(0, self.token_ids_R, y_RD)
         return F.embedding_bag(self.bag_rows, y_RD, self.bag_offsets, mode="sum")
 
