@@ -41,7 +41,9 @@ from torch import Tensor, nn  # noqa: E402
 
 from moeflow import MoEConfig, MoELayer  # noqa: E402
 from moeflow.ops.grouped_mlp import GradBuffers  # noqa: E402
-from moeflow.ops.threads import parallel_items  # noqa: E402
+from moeflow.ops.threads import ExpertPool  # noqa: E402
+
+_POOL = ExpertPool()  # the gemms floor runs on a pool like the experts' own (as many workers as threads)
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ class _GemmsOnly(torch.autograd.Function):
             torch.mm(x_RD[rows], w_in[i].t(), out=h_RF[rows])
             torch.mm(h_RF[rows, :hid], w_out[i].t(), out=y_RD[rows])
 
-        parallel_items(expert, [bounds[i + 1] - bounds[i] for i in range(e)])
+        _POOL.run(expert, [bounds[i + 1] - bounds[i] for i in range(e)])
         ctx.save_for_backward(x_RD, w_in, w_out, h_RF)
         ctx.bounds, ctx.grad_buffers = bounds, grad_buffers
         return y_RD
@@ -192,7 +194,7 @@ class _GemmsOnly(torch.autograd.Function):
             torch.mm(h_RF[rows].t(), x_RD[rows], out=gw_in[i])
             torch.mm(h_RF[rows], w_in[i], out=gx_RD[rows])
 
-        parallel_items(expert, [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)])
+        _POOL.run(expert, [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)])
         return gx_RD, gw_in, gw_out, None
 
 

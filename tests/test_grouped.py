@@ -12,15 +12,20 @@ import pickle
 import pytest
 import torch
 
-import moeflow.ops.grouped_mlp as grouped_mlp_mod
+import moeflow.ops.tuning as tuning_mod
 from moeflow import GroupedExperts
-from moeflow.experts import activate
+from reference import activation as activate
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
-from moeflow.ops.rows import TokenRows
+from moeflow.ops.rows import ExpertRows, TokenRows
 
 SPLITS = [3, 0, 5, 1, 0]
 ACTIVATIONS = ["swiglu", "geglu", "relu", "gelu", "silu"]
+
+
+def _set_chunk(monkeypatch, elems: int) -> None:
+    """Chunk the experts' rows every `elems` pre-activation elements for this test."""
+    monkeypatch.setattr(tuning_mod, "_current", tuning_mod.CpuTuning(chunk_elems=elems))
 
 
 def _leaf(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -95,7 +100,7 @@ def test_auto_means_loop_on_cpu_and_bad_input_is_named() -> None:
 def test_grouped_mlp_matches_per_expert_ffns(activation, chunk_elems, monkeypatch) -> None:
     """Fused MLP == per-expert FFNs, forward and all three gradients; tiny chunks split every block into several
     pieces, so the per-chunk weight-gradient accumulation is exercised too."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", chunk_elems)
+    _set_chunk(monkeypatch, chunk_elems)
     h = 3
     f = 2 * h if activation in ("swiglu", "geglu") else h
     x, w_in, w_out = _leaf(sum(SPLITS), 4), _leaf(len(SPLITS), f, 4), _leaf(len(SPLITS), 4, h)
@@ -111,7 +116,7 @@ def test_grouped_mlp_matches_per_expert_ffns(activation, chunk_elems, monkeypatc
 
 def test_grouped_mlp_passes_gradcheck(monkeypatch) -> None:
     """torch's finite-difference check on the fused backward (chunked, with an empty expert)."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 12)
+    _set_chunk(monkeypatch, 12)
     splits = [2, 0, 3]
     x, w_in, w_out = _leaf(5, 3), _leaf(3, 4, 3), _leaf(3, 3, 2)
     assert torch.autograd.gradcheck(lambda a, b, c: grouped_mlp(a, b, c, splits, "swiglu"), (x, w_in, w_out))
@@ -160,7 +165,7 @@ def test_grouped_experts_impls_agree() -> None:
     counts = torch.tensor(SPLITS)
     outs = []
     for m in (fused, padded):
-        y = m(x, counts, SPLITS)
+        y = m(x, ExpertRows(SPLITS, counts))
         y.square().sum().backward()
         outs.append((y, m.w_in.grad, m.w_out.grad))
     for a, b in zip(*outs):
@@ -175,7 +180,7 @@ def test_grad_buffers_reuse_memory_but_never_overwrite_a_live_gradient() -> None
     x, counts, splits = torch.randn(7, 4, dtype=torch.float64), torch.tensor([3, 0, 4]), [3, 0, 4]
 
     def backward() -> torch.Tensor:
-        experts(x, counts, splits).square().sum().backward()
+        experts(x, ExpertRows(splits, counts)).square().sum().backward()
         return experts.w_in.grad
 
     kept = backward()
@@ -189,7 +194,7 @@ def test_grad_buffers_reuse_memory_but_never_overwrite_a_live_gradient() -> None
     assert backward().data_ptr() == ptr  # memory reused: nothing else held it
     torch.testing.assert_close(backward(), 2 * expected, rtol=1e-12, atol=0)  # accumulation
     experts.zero_grad(set_to_none=True)
-    loss = experts(x, counts, splits).square().sum()
+    loss = experts(x, ExpertRows(splits, counts)).square().sum()
     (g1,) = torch.autograd.grad(loss, [experts.w_in], retain_graph=True)
     (g2,) = torch.autograd.grad(loss, [experts.w_in])
     assert g1.data_ptr() != g2.data_ptr() and torch.equal(g1, expected) and torch.equal(g2, expected)
@@ -220,7 +225,7 @@ def _token_rows(num_tokens: int, splits: list[int], seed: int) -> TokenRows:
 def test_grouped_mlp_with_tokens_gathers_and_sums_rows(activation, chunk_elems, weighted, monkeypatch) -> None:
     """tokens= fuses dispatch and combine: == sum over each token's rows of w_r * FFN_e(x[t_r]), with the gradients
     of x (summed over a token's rows), the weights and the row weights (float64, zero-row experts and tokens)."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", chunk_elems)
+    _set_chunk(monkeypatch, chunk_elems)
     tokens = _token_rows(7, SPLITS, seed=3)
     assert (torch.bincount(tokens.token_ids_R, minlength=7) == 0).any()  # a token without rows
     h = 3
@@ -241,7 +246,7 @@ def test_grouped_mlp_with_tokens_gathers_and_sums_rows(activation, chunk_elems, 
 
 def test_grouped_mlp_with_tokens_passes_gradcheck_and_rejects_row_major_x(monkeypatch) -> None:
     """Finite differences through gather, chunked experts and sum; x must then be token-major [T, D]."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 12)
+    _set_chunk(monkeypatch, 12)
     splits = [2, 0, 3]
     tokens = _token_rows(4, splits, seed=1)
     x, w_in, w_out, w = _leaf(4, 3), _leaf(3, 4, 3), _leaf(3, 3, 2), _leaf(5)
@@ -252,58 +257,18 @@ def test_grouped_mlp_with_tokens_passes_gradcheck_and_rejects_row_major_x(monkey
 
 
 def test_grouped_experts_with_tokens_agree_across_impls() -> None:
-    """GroupedExperts(tokens=): the fused loop and the gather / bmm / combine fallback give the same [T, D]."""
+    """GroupedExperts(x, ExpertRows(tokens=...)): the fused loop and the gather / bmm / combine fallback give the
+    same [T, D]; without tokens both return the weighted rows [R, D]."""
     tokens = _token_rows(6, SPLITS, seed=5)
     experts = GroupedExperts(len(SPLITS), 4, 3).double()
     x, w = torch.randn(6, 4, dtype=torch.float64), torch.rand(sum(SPLITS), dtype=torch.float64)
     counts = torch.tensor(SPLITS)
-    assert experts.gathers_rows(x)
-    fused = experts(x, counts, SPLITS, w, tokens=tokens)
+    by_token, by_row = ExpertRows(SPLITS, counts, tokens, w), ExpertRows(SPLITS, counts, None, w)
+    x_RD = x[tokens.token_ids_R]
+    fused, rows = experts(x, by_token), experts(x_RD, by_row)
+    assert fused.shape == (6, 4) and rows.shape == (sum(SPLITS), 4)
     experts.impl = "bmm"
-    assert not experts.gathers_rows(x)
-    torch.testing.assert_close(experts(x, counts, SPLITS, w, tokens=tokens), fused, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_scripted_and_plain_chunk_kernels_agree_bitwise(activation, monkeypatch) -> None:
-    """The TorchScript chunk kernels are compiled here (a silent fallback would cost speed) and give the same bits
-    as the same functions run as plain Python, forward and every gradient, tokens and row weights included."""
-    scripted = grouped_mlp_mod._kernels()
-    assert all(isinstance(k, torch.jit.ScriptFunction) for k in scripted)
-    plain = (grouped_mlp_mod._chunk_forward, grouped_mlp_mod._chunk_backward)
-    assert grouped_mlp_mod._kernels_for([1]) == plain  # tiny work: a script call's overhead would not pay off
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 40)
-    monkeypatch.setattr(grouped_mlp_mod, "_POOL_MIN_MACS", 0)
-    tokens = _token_rows(6, SPLITS, seed=2)
-    f = 6 if activation in ("swiglu", "geglu") else 3
-    x, w_in, w_out, w = _leaf(6, 4), _leaf(len(SPLITS), f, 4), _leaf(len(SPLITS), 4, 3), _leaf(sum(SPLITS))
-    g = torch.randn(6, 4, dtype=torch.float64)
-    results = []
-    for kernels in (scripted, plain):
-        monkeypatch.setattr(grouped_mlp_mod, "_SCRIPTED", kernels)
-        y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w, tokens=tokens)
-        results.append((y, *_grads(y, [x, w_in, w_out, w], g)))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
-def test_kernel_compilation_is_once_and_leaves_warning_filters_alone(monkeypatch) -> None:
-    """Two threads' first forwards compile the kernels once between them, and the process's warning filters are
-    untouched (warnings.catch_warnings is not thread-safe, so the compile must not use it)."""
-    import threading
-    import warnings
-    monkeypatch.setattr(grouped_mlp_mod, "_SCRIPTED", None)
-    filters = list(warnings.filters)
-    got, barrier = [], threading.Barrier(2)
-
-    def first_use() -> None:
-        barrier.wait()
-        got.append(grouped_mlp_mod._kernels())
-
-    threads = [threading.Thread(target=first_use) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got[0] is got[1] and isinstance(got[0][0], torch.jit.ScriptFunction)
-    assert warnings.filters == filters
+    torch.testing.assert_close(experts(x, by_token), fused, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(experts(x_RD, by_row), rows, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.zeros(6, 4, dtype=torch.float64).index_add(0, tokens.token_ids_R, rows), fused,
+                               rtol=1e-12, atol=1e-12)

@@ -11,6 +11,7 @@ import torch
 from test_hf_common import ARCHS, hf_model, token_batch  # noqa: F401
 
 import moeflow
+from moeflow.ops.rows import ExpertRows
 from moeflow.interop.patch import PatchedMoE
 
 pytestmark = pytest.mark.hf
@@ -119,17 +120,17 @@ def test_patch_refuses_models_without_moe() -> None:
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
-def test_run_experts_with_tokens_equals_gather_experts_combine(act: str) -> None:
-    """run_experts(tokens=) (fused for silu; gather, HF activation, combine for tanh-GELU) == the three steps."""
+def test_run_experts_token_major_equals_gather_experts_combine(act: str) -> None:
+    """run_experts on the token-major plan (fused for silu; gather, HF activation, combine for tanh-GELU) == the
+    three steps: gather the rows, run them unweighted, weight and sum them per token."""
     model = moeflow.patch_hf(hf_model("mixtral", hidden_act=act).train())
     block = next(m for m in model.modules() if isinstance(m, PatchedMoE))
     x = torch.randn(10, model.config.hidden_size, requires_grad=True)
     routing = block.route(x.view(1, 10, -1))
-    plan = block.dispatcher.plan(routing)
-    assert block.gathers_rows(x) == (act == "silu")
-    fused = block.run_experts(x, plan.splits, plan.counts_E, plan.weights_R, tokens=plan.token_rows())
-    x_RD, plan = block.dispatcher.dispatch(x, routing)
-    steps = block.dispatcher.combine(block.run_experts(x_RD, plan.splits, plan.counts_E), plan)
+    x_in, plan = block.dispatcher.dispatch(x, routing)
+    fused = block.dispatcher.combine(block.run_experts(x_in, plan.rows), plan)
+    y_RD = block.run_experts(plan.gather(x), ExpertRows(plan.splits, plan.counts_E))
+    steps = plan.scatter_sum(y_RD, plan.weights_R)
     torch.testing.assert_close(fused, steps, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(fused)
     (gx_fused,) = torch.autograd.grad(fused, x, g, retain_graph=True)  # the two share the router's graph

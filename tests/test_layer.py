@@ -355,9 +355,11 @@ def test_deepcopy_and_pickle_after_a_forward_drop_the_routing_record(make_moe, r
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_logits_finite_catches_any_single_bad_logit(bad) -> None:
-    """The cheap min/max check flags one NaN, +inf or -inf anywhere, and passes finite or empty logits."""
-    from moeflow.layers import logits_finite
+    """The finite check (and the EP health flag) catch one NaN, +inf or -inf anywhere, and pass finite or empty
+    logits."""
+    from moeflow.routing.base import logits_finite, non_finite_flag
     logits = torch.randn(64, 8)
     assert logits_finite(logits) and logits_finite(torch.zeros(0, 8))
+    assert non_finite_flag(logits).tolist() == [0] == non_finite_flag(torch.zeros(0, 8)).tolist()
     logits[37, 5] = bad
-    assert not logits_finite(logits)
+    assert not logits_finite(logits) and non_finite_flag(logits).tolist() == [1]

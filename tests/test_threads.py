@@ -1,4 +1,4 @@
-"""The per-expert worker pool and the parallel RNG: same results as one thread, caller's modes, errors, fork.
+"""The experts' worker pool (ExpertPool): same results as one thread, caller's modes and threads, errors, fork.
 
 The autouse `one_thread` fixture sets one intra-op thread, which makes every kernel run inline; tests here that
 mean to exercise the pool set two threads themselves (and lower the work threshold where a kernel has one).
@@ -6,24 +6,34 @@ mean to exercise the pool set two threads themselves (and lower the work thresho
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
+import pickle
 import threading
 
 import pytest
 import torch
 
-import moeflow.ops.grouped_mlp as grouped_mlp_mod
-from moeflow.experts import activate
+from moeflow import MoEConfig, MoELayer
+from reference import activation as activate
 from moeflow.ops.grouped_mlp import grouped_mlp
-from moeflow.ops.threads import parallel_items, uniform_like
+from moeflow.ops.threads import ExpertPool
+from moeflow.ops.tuning import cpu_tuning
+
+POOL = ExpertPool()  # follows torch's thread count
+
+
+def parallel_items(work, costs, min_cost: int = 0, cpu: bool = True) -> None:
+    """The shared test pool's run."""
+    POOL.run(work, costs, min_cost, cpu)
 
 
 @pytest.fixture
-def two_threads(monkeypatch):
+def two_threads():
     """Two intra-op threads and no minimum work, so the pool is used even for tiny tensors."""
-    monkeypatch.setattr(grouped_mlp_mod, "_POOL_MIN_MACS", 0)
     torch.set_num_threads(2)
-    yield
+    with cpu_tuning(pool_min_macs=0):
+        yield
     torch.set_num_threads(1)
 
 
@@ -115,14 +125,14 @@ def _leaf(*shape: int) -> torch.Tensor:
 def test_grouped_mlp_on_the_pool_equals_inline_bitwise(weighted, two_threads, monkeypatch) -> None:
     """Spreading experts over workers changes nothing: forward and every gradient are bit-identical to one thread
     (each expert's GEMMs run single-threaded either way), with chunked blocks and empty experts."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 24)
     x, w_in, w_out, w = _leaf(26, 4), _leaf(7, 6, 4), _leaf(7, 4, 3), _leaf(26)
     g = torch.randn(26, 4, dtype=torch.float64)
     inputs = [x, w_in, w_out] + ([w] if weighted else [])
 
     def run() -> tuple[torch.Tensor, ...]:
-        y = grouped_mlp(x, w_in, w_out, SPLITS, "swiglu", row_weights=w if weighted else None)
-        return (y.detach(), *torch.autograd.grad(y, inputs, g))
+        with cpu_tuning(chunk_elems=24):
+            y = grouped_mlp(x, w_in, w_out, SPLITS, "swiglu", row_weights=w if weighted else None, pool=POOL)
+            return (y.detach(), *torch.autograd.grad(y, inputs, g))
 
     pooled = run()
     torch.set_num_threads(1)
@@ -132,49 +142,72 @@ def test_grouped_mlp_on_the_pool_equals_inline_bitwise(weighted, two_threads, mo
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
-def test_row_weights_scale_rows_and_get_their_gradient(activation, monkeypatch) -> None:
+def test_row_weights_scale_rows_and_get_their_gradient(activation) -> None:
     """grouped_mlp(..., row_weights=w) == w[:, None] * per-expert FFNs, forward and all four gradients (float64)."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 24)
     f = 6 if activation == "swiglu" else 3
     x, w_in, w_out, w = _leaf(26, 4), _leaf(7, f, 4), _leaf(7, 4, 3), _leaf(26)
-    y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w)
+    with cpu_tuning(chunk_elems=24):
+        y = grouped_mlp(x, w_in, w_out, SPLITS, activation, row_weights=w)
     starts = [sum(SPLITS[:e]) for e in range(len(SPLITS))]
     ref = torch.cat([activate(x[s:s + n] @ w_in[e].t(), activation) @ w_out[e].t()
                      for e, (s, n) in enumerate(zip(starts, SPLITS))]) * w[:, None]
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(y, [x, w_in, w_out, w], g), torch.autograd.grad(ref, [x, w_in, w_out, w], g)):
+    with cpu_tuning(chunk_elems=24):
+        got = torch.autograd.grad(y, [x, w_in, w_out, w], g)
+    for a, b in zip(got, torch.autograd.grad(ref, [x, w_in, w_out, w], g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_row_weights_pass_gradcheck_and_bad_shape_is_named(monkeypatch) -> None:
+def test_row_weights_pass_gradcheck_and_bad_shape_is_named() -> None:
     """Finite differences agree with the fused backward through the row weights; a wrong-length w is refused."""
-    monkeypatch.setattr(grouped_mlp_mod, "_CHUNK_ELEMS", 12)
     splits = [2, 0, 3]
     x, w_in, w_out, w = _leaf(5, 3), _leaf(3, 4, 3), _leaf(3, 3, 2), _leaf(5)
-    assert torch.autograd.gradcheck(lambda a, b, c, d: grouped_mlp(a, b, c, splits, "swiglu", row_weights=d),
-                                    (x, w_in, w_out, w))
+    with cpu_tuning(chunk_elems=12):
+        assert torch.autograd.gradcheck(lambda a, b, c, d: grouped_mlp(a, b, c, splits, "swiglu", row_weights=d),
+                                        (x, w_in, w_out, w))
     with pytest.raises(ValueError, match=r"row_weights must be \[R=5\]"):
         grouped_mlp(x, w_in, w_out, splits, row_weights=w[:4])
 
 
-def test_uniform_like_is_seeded_and_independent_of_thread_count() -> None:
-    """Parallel pieces: in range, fixed by torch.manual_seed, the same on 1 and 2 threads, and no two pieces equal."""
-    x = torch.empty(3, (1 << 18) + 5)
+def test_pool_size_is_explicit_and_never_changes_the_callers_threads() -> None:
+    """workers=2 uses two workers even at one torch thread; None follows torch; the caller keeps its count."""
+    names: set[str] = set()
+    lock = threading.Lock()
 
-    def draw(threads: int) -> torch.Tensor:
-        torch.set_num_threads(threads)
-        torch.manual_seed(7)
-        return uniform_like(x, 0.9, 1.1)
+    def work(i: int) -> None:
+        with lock:
+            names.add(threading.current_thread().name)
 
-    a, b, c = draw(2), draw(2), draw(1)
     torch.set_num_threads(1)
-    assert torch.equal(a, b)
-    assert a.min() >= 0.9 and a.max() <= 1.1 and abs(a.mean().item() - 1.0) < 1e-3
-    assert torch.equal(a, c)
-    piece = 1 << 18
-    flat = a.view(-1)
-    assert not torch.equal(flat[:piece], flat[piece:2 * piece])
+    ExpertPool(None).run(work, [1, 1, 1, 1])
+    assert names == {threading.current_thread().name}
+    names.clear()
+    pool = ExpertPool(2)
+    for _ in range(20):  # two workers share a queue: over 20 rounds both take items
+        pool.run(lambda i: (work(i), __import__("time").sleep(0.001)), [1, 1, 1, 1])
+    assert len(names) == 2 and all(n.startswith("moeflow-expert") for n in names)
+    assert torch.get_num_threads() == 1
+    pool.close()
+    with pytest.raises(ValueError, match="workers=0 must be >= 1"):
+        ExpertPool(0)
+
+
+def test_layers_own_their_pool_sized_by_config_and_copies_start_idle() -> None:
+    """MoEConfig.cpu_workers reaches the experts' pool; deepcopy and pickle keep the size, not the threads."""
+    layer = MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=2, cpu_workers=2))
+    assert layer.experts.pool.workers == 2 and layer.experts.pool.size() == 2
+    with cpu_tuning(pool_min_macs=0):
+        y = layer(torch.randn(16, 8))
+    clone = copy.deepcopy(layer)
+    again = pickle.loads(pickle.dumps(layer))
+    assert clone.experts.pool is not layer.experts.pool and clone.experts.pool.workers == 2
+    assert again.experts.pool.workers == 2 and again.experts.pool._executor is None
+    with cpu_tuning(pool_min_macs=0):
+        torch.testing.assert_close(clone(torch.zeros(2, 8)), layer(torch.zeros(2, 8)))
+    assert y.shape == (16, 8)
+    with pytest.raises(Exception, match="cpu_workers"):
+        MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=2, cpu_workers=0)
 
 
 def _child(q) -> None:

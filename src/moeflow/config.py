@@ -12,8 +12,8 @@ from fractions import Fraction
 from typing import Any
 
 ROUTER_NAMES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "deepseek", "hierarchical")
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu", "silu")
-GATED = ("swiglu", "geglu")  # the activations whose experts have two input branches (w_in is [2H, D])
+GATED = ("swiglu", "geglu")  # gated activations: the input projection is [gate; up], 2H wide
+ACTIVATIONS = GATED + ("relu", "gelu", "silu")
 DROP_POLICIES = ("position", "probs")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm", "bmm")
 
@@ -208,6 +208,8 @@ class MoEConfig(Config):
     shared_d_hidden: int = 0
     shared_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w_gate)
     expert_impl: str = "auto"
+    # CPU worker threads of the experts' pool (ops/threads.py); None: as many as torch's intra-op threads
+    cpu_workers: int | None = None
     router_bias: bool = False  # linear bias on the router logits (most references have none)
 
     def __post_init__(self) -> None:
@@ -215,6 +217,7 @@ class MoEConfig(Config):
         check_int(self, "d_model", "d_hidden", "num_experts", "top_k", "num_groups", "n_group", "topk_group",
                   "num_clusters")
         check_int(self, "eval_num_groups", none="num_groups")
+        check_int(self, "cpu_workers", none="torch's intra-op threads")
         check_int(self, "min_capacity", "shared_d_hidden", lo=0)
         check_int(self, "expert_capacity", lo=0, none="capacity_factor")
         for name, choices in (("router", ROUTER_NAMES), ("activation", ACTIVATIONS), ("drop_policy", DROP_POLICIES),

@@ -1,4 +1,14 @@
-"""Local dispatcher: permute kept assignments into expert-contiguous rows, and combine them back.
+"""The dispatch contract: a dispatcher's plan tells the experts which rows to run, where each row comes from and
+who applies the combine weights; the experts take (x, rows) and return the layout the plan names.
+
+    x_in, plan = dispatcher.dispatch(x_TD, routing)     # LocalDispatcher: x_in is x_TD itself
+    y = experts(x_in, plan.rows)                        # [T, D] if rows.tokens is set, else [R, D]
+    y_TD = dispatcher.combine(y, plan)                  # LocalDispatcher: y already is [T, D]
+
+Locally the experts gather their rows from the token-major input themselves and sum their weighted outputs back
+per token (on CPU, inside each expert's chunk: no [R, D] copy of the input or of the output gradient). An
+expert-parallel dispatcher hands them received rows instead (`rows.tokens` None) and applies the weights on the
+tokens' own ranks. A replica-aware dispatcher only has to produce another `ExpertRows` (rows per physical slot).
 
 Shape legend: T = tokens, D = model dim, E = experts, K = experts per token, N = assignments,
 R = dispatched rows (kept assignments, sorted by expert).
@@ -7,17 +17,18 @@ R = dispatched rows (kept assignments, sorted by expert).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from moeflow.ops.rows import TokenRows
-from moeflow.routing.base import Routing
+from moeflow.ops.rows import ExpertRows, TokenRows
+from moeflow.routing.base import Routing, logits_finite, non_finite_message
 
 
 @dataclass
 class DispatchPlan:
-    """How rows were permuted, so that combine can undo it."""
+    """The permutation of a Routing's kept assignments into expert-contiguous rows."""
 
     assignment_R: Tensor  # index n into the Routing's assignments of each row
     token_ids_R: Tensor  # token of each row
@@ -39,52 +50,65 @@ class DispatchPlan:
                 self._rows = TokenRows.from_token_ids(self.token_ids_R, t)
         return self._rows
 
+    @property
+    def rows(self) -> ExpertRows:
+        """Local experts gather and weight their own rows and sum them per token."""
+        return ExpertRows(self.splits, self.counts_E, self.token_rows(), self.weights_R)
+
+    def gather(self, x_TD: Tensor) -> Tensor:
+        """The rows themselves, [R, D] (differentiable): for dispatchers that move rows elsewhere."""
+        return self.token_rows().gather(x_TD)
+
+    def scatter_sum(self, y_RD: Tensor, weights_R: Tensor | None = None) -> Tensor:
+        """out[t] = sum over token t's rows of (w_r *) y_r: [T, D], zero where nothing was kept (differentiable)."""
+        return self.token_rows().combine(y_RD, None if weights_R is None else weights_R.to(y_RD.dtype))
+
+
+def plan_dispatch(routing: Routing) -> DispatchPlan:
+    """Sort kept assignments by expert (stable, so each expert sees its tokens in order).
+
+    Dropped assignments get the key E and sort last; the first R = (number kept) entries are the rows. One sort
+    and no branch on the routing's contents, dropless or not.
+    """
+    e = routing.num_experts
+    key_N = torch.where(routing.kept_N, routing.expert_ids_N, e)
+    order_N = torch.argsort(key_N, stable=True)
+    counts_E = torch.bincount(key_N, minlength=e + 1)[:e]
+    splits = counts_E.tolist()
+    assignment_R = order_N[:sum(splits)]
+    return DispatchPlan(assignment_R=assignment_R, token_ids_R=routing.token_ids_N[assignment_R],
+                        weights_R=routing.weights_N[assignment_R], counts_E=counts_E, splits=splits,
+                        num_tokens=routing.num_tokens, top_k=routing.top_k, num_assignments=key_N.numel())
+
+
+class Dispatcher(Protocol):
+    """Moves tokens to experts and back; knows nothing of gating math."""
+
+    def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Any]:
+        """(what the experts read, a plan whose `.rows` is their ExpertRows)."""
+        ...
+
+    def combine(self, y: Tensor, plan: Any) -> Tensor:
+        """The experts' output back to one [T, D] row per token."""
+        ...
+
 
 class LocalDispatcher:
-    """Sort kept assignments by expert (stable, so each expert sees its tokens in order) and gather rows.
+    """All experts on this process: the experts gather, weight and sum their rows themselves (see ExpertRows).
 
     Dropped assignments never become rows, so they contribute exactly zero; a token with none kept gets a zero
-    output row. Knows nothing of gating math or devices.
+    output row. NaN/inf router logits raise here, before they could route arbitrarily and steal capacity.
     """
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, DispatchPlan]:
-        """Gather the rows each expert must process, grouped by expert: ([R, D], plan)."""
-        plan = self.plan(routing)
-        if x_TD.device.type == "cpu":
-            return plan.token_rows().gather(x_TD), plan
-        return x_TD.index_select(0, plan.token_ids_R), plan
+        """(x_TD unchanged, the plan)."""
+        plan = plan_dispatch(routing)
+        # after the plan's host sync, which already waited for the logits: the check adds no stall. Compiled
+        # graphs skip it (one more graph break); the trainer's finite-loss check remains.
+        if not torch.compiler.is_compiling() and not logits_finite(routing.logits_TE):
+            raise FloatingPointError(f"MoELayer: {non_finite_message(x_TD, routing)}")
+        return x_TD, plan
 
-    def plan(self, routing: Routing) -> DispatchPlan:
-        """The row order alone, for experts that gather their rows themselves (`DispatchPlan.token_rows`)."""
-        expert_N = routing.expert_ids_N
-        n = expert_N.numel()
-        if routing.capacity is None and routing.routed_N.all():
-            assignment_R = torch.argsort(expert_N, stable=True)
-        else:
-            kept = torch.nonzero(routing.kept_N).squeeze(1)
-            assignment_R = kept[torch.argsort(expert_N[kept], stable=True)]
-        counts_E = torch.bincount(expert_N[assignment_R], minlength=routing.num_experts)
-        token_ids_R = routing.token_ids_N[assignment_R]
-        plan = DispatchPlan(assignment_R=assignment_R, token_ids_R=token_ids_R,
-                            weights_R=routing.weights_N[assignment_R], counts_E=counts_E,
-                            splits=counts_E.tolist(), num_tokens=routing.num_tokens, top_k=routing.top_k,
-                            num_assignments=n)
-        return plan
-
-    def row_weights(self, plan: DispatchPlan) -> Tensor:
-        """The combine weight of each dispatched row, for experts that scale their outputs themselves."""
-        return plan.weights_R
-
-    def combine(self, y_RD: Tensor, plan: DispatchPlan, weighted: bool = False) -> Tensor:
-        """Weighted sum of each token's expert outputs: [T, D] (zero where nothing was kept).
-
-        weighted: the rows already carry their combine weights (the experts applied `row_weights`).
-        """
-        w_R = None if weighted else plan.weights_R.to(y_RD.dtype)
-        if y_RD.device.type == "cpu" or plan.top_k == 0:
-            return plan.token_rows().combine(y_RD, w_R)
-        # token-choice off CPU: put rows back in slot-major order and sum the K slots (CUDA's index_add uses
-        # atomics, this does not: deterministic)
-        yw_RD = y_RD if w_R is None else y_RD * w_R.unsqueeze(1)
-        out_ND = yw_RD.new_zeros(plan.num_assignments, y_RD.shape[1]).index_copy(0, plan.assignment_R, yw_RD)
-        return out_ND.view(plan.top_k, plan.num_tokens, y_RD.shape[1]).sum(0)
+    def combine(self, y_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        """The experts already summed each token's weighted rows: y_TD as it is."""
+        return y_TD

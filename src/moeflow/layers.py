@@ -7,11 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moeflow.config import MoEConfig
+from moeflow.config import GATED, MoEConfig
 from moeflow.dispatch import LocalDispatcher
-from moeflow.experts import GATED, GroupedExperts, activate
+from moeflow.experts import GroupedExperts, activate
 from moeflow.routing import Routing, build_router
-from moeflow.routing.base import logits_finite, non_finite_message
 from moeflow.routing.log import log_routing
 
 
@@ -95,7 +94,9 @@ class MoELayer(RecordsRouting, nn.Module):
                              "the last dimension must equal MoEConfig.d_model")
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD, seq_len=x.shape[-2] if x.dim() > 2 else None)  # for groups by sequence
-        y_TD = self.dispatch_experts_combine(x_TD, routing)
+        x_in, plan = self.dispatcher.dispatch(x_TD, routing)
+        y = self.experts(x_in, plan.rows)
+        y_TD = self.dispatcher.combine(y, plan)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -104,29 +105,6 @@ class MoELayer(RecordsRouting, nn.Module):
         self.last_routing = routing
         log_routing(self, routing)
         return y_TD.view(x.shape).to(x.dtype) if y_TD.dtype != x.dtype else y_TD.view(x.shape)
-
-    def dispatch_experts_combine(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        """The routed experts' weighted output for each token, [T, D] (zero where every assignment was dropped)."""
-        if isinstance(self.dispatcher, LocalDispatcher) and self.experts.gathers_rows(x_TD):
-            # the experts gather their rows and sum them back per token themselves (see grouped_mlp's `tokens`)
-            plan = self.dispatcher.plan(routing)
-            self._check_finite(x_TD, routing)
-            return self.experts(x_TD, plan.counts_E, plan.splits, plan.weights_R, tokens=plan.token_rows())
-        x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-        self._check_finite(x_TD, routing)
-        w_R = self.dispatcher.row_weights(plan)  # applied inside the expert kernel where the dispatcher allows
-        y_RD = self.experts(x_RD, plan.counts_E, plan.splits, w_R)
-        return self.dispatcher.combine(y_RD, plan, weighted=w_R is not None)
-
-    def _check_finite(self, x_TD: Tensor, routing: Routing) -> None:
-        """Raise if any router logit is NaN/inf.
-
-        NaN/inf logits would route arbitrarily and steal capacity from healthy tokens, so fail loudly. The check
-        runs after the dispatch plan, whose host sync has already waited for the logits: it adds no extra stall.
-        Compiled graphs skip it (it would be one more graph break); the trainer's finite-loss check remains.
-        """
-        if not torch.compiler.is_compiling() and not logits_finite(routing.logits_TE):
-            raise FloatingPointError(f"MoELayer: {non_finite_message(x_TD, routing)}")
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -84,7 +84,7 @@ def test_dispatcher_rejects_unknown_mode() -> None:
     """A typo in the dispatcher mode is caught when building it."""
     from moeflow.dispatch import LocalDispatcher
     with pytest.raises(ValueError, match="choose one of auto, variable, padded, dedup"):
-        AllToAllDispatcher(LocalDispatcher(), ParallelDims(world=1, ep=1), 4, mode="fast")
+        AllToAllDispatcher(ParallelDims(world=1, ep=1), 4, mode="fast")
 
 
 def test_hang_watchdog_dumps_stacks(capfd: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,8 @@ copied), `state_dict()` keys do not change, an optimizer built before or after p
 `save_pretrained` writes, and transformers' output-capturing hooks on the router class still record the router
 logits that its load-balancing loss reads. What changes is the path: HF's router output becomes a moeflow
 `Routing` record (routing decisions stay exactly HF's: its router module computes them), `LocalDispatcher`
-permutes the tokens into expert-contiguous rows, moeflow's experts run every block of rows (instead of HF's
-experts implementation: the eager per-expert loop, `grouped_mm` or `batched_mm`), and the dispatcher combines.
+plans the expert-contiguous rows, moeflow's experts run every block of rows and sum them back per token (instead
+of HF's experts implementation: the eager per-expert loop, `grouped_mm` or `batched_mm`).
 Plain silu/gelu/relu experts on CPU run as moeflow's fused, chunked grouped MLP (`ops.grouped_mlp`), whose
 weight-gradient memory is reused across steps; on CUDA bf16 they run as `torch._grouped_mm`.
 The block returns what HF's block returns: the hidden states [B, S, D].
@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.dispatch import LocalDispatcher
+from moeflow.experts import weight_and_sum
 from moeflow.layers import RecordsRouting
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
-from moeflow.ops.rows import TokenRows
+from moeflow.ops.rows import ExpertRows
+from moeflow.ops.threads import ExpertPool
 from moeflow.routing import Routing
 from moeflow.routing.deepseek import update_balance_bias
 from moeflow.routing.log import log_routing
@@ -66,6 +68,7 @@ class PatchedMoE(RecordsRouting, nn.Module):
         self.dispatcher = LocalDispatcher()
         self.last_routing: Routing | None = None
         self.grad_buffers = GradBuffers()  # expert weight-gradient memory reused across steps (CPU)
+        self.pool = ExpertPool()  # the experts' CPU workers (as many as torch's threads)
         self.jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)  # Mixtral: noise on the whole MoE input
         for name, child in block.named_children():
             setattr(self, name, child)  # gate/router, experts, shared_expert(s), shared_expert_gate
@@ -107,57 +110,36 @@ class PatchedMoE(RecordsRouting, nn.Module):
         act = _plain_activation(self.experts.act_fn)
         return {"silu": "swiglu", "gelu": "geglu"}.get(act or "")
 
-    def gathers_rows(self, x: Tensor) -> bool:
-        """Whether run_experts(..., tokens=) runs fused here (the grouped MLP gathers and sums rows itself)."""
-        if self.fused_activation() is None:
-            return False
-        # resolve_impl looks at dtype, device and sizes only: one expert's weight stands in for the stack (Switch
-        # experts are separate modules, and stacking them is a copy)
-        w_in = (self.experts["expert_0"].wi.weight if self.arch == "switch_transformers"
-                else self.experts.gate_up_proj[0])
-        return resolve_impl(x, w_in.unsqueeze(0), "auto") == "loop"
-
-    def run_experts(self, x_RD: Tensor, splits: list[int], counts_E: Tensor, weights_R: Tensor | None = None,
-                    tokens: TokenRows | None = None) -> Tensor:
-        """Every expert on its block of rows, each output row scaled by weights_R if given: on CPU the fused, chunked
-        grouped MLP; where torch._grouped_mm runs, or for an activation that is not a plain silu/gelu/relu, two
-        grouped matmuls around HF's activation. With `tokens`, x is token-major [T, D] and the result is each
-        token's sum of its weighted rows, [T, D]."""
+    def run_experts(self, x: Tensor, rows: ExpertRows) -> Tensor:
+        """Every expert on its rows as the plan names them (see moeflow.dispatch.ExpertRows): on CPU the fused,
+        chunked grouped MLP; where torch._grouped_mm runs, or for an activation that is not a plain
+        silu/gelu/relu, two grouped matmuls around HF's own activation module."""
         w_in, w_out = self.expert_weights()
-        impl = resolve_impl(x_RD, w_in, "auto")  # torch._grouped_mm where it runs (CUDA bf16), else the loop
+        impl = resolve_impl(x, w_in, "auto")  # torch._grouped_mm where it runs (CUDA bf16), else the loop
         act = self.fused_activation()
         if act is not None and impl == "loop":
-            return grouped_mlp(x_RD, w_in, w_out, splits, act, grad_buffers=self.grad_buffers, row_weights=weights_R,
-                               tokens=tokens)
-        if tokens is not None:
-            y_RD = self.run_experts(tokens.gather(x_RD), splits, counts_E)
-            return tokens.combine(y_RD, None if weights_R is None else weights_R.to(y_RD.dtype))
-        h_RF = grouped_linear(x_RD, w_in, counts_E, splits, impl)
+            return grouped_mlp(x, w_in, w_out, rows.splits, act, self.grad_buffers, rows.weights_R, rows.tokens,
+                               self.pool)
+        x_RD = x if rows.tokens is None else rows.tokens.gather(x)
+        h_RF = grouped_linear(x_RD, w_in, rows.counts_E, rows.splits, impl)
         if self.arch == "switch_transformers":
             e0 = self.experts["expert_0"]
             a_RH = e0.dropout(e0.act(h_RF))
         else:
             gate, up = h_RF.chunk(2, dim=-1)
             a_RH = self.experts.act_fn(gate) * up
-        y_RD = grouped_linear(a_RH.to(w_out.dtype), w_out, counts_E, splits, impl)
-        return y_RD if weights_R is None else y_RD * weights_R.to(y_RD.dtype).unsqueeze(1)
+        y_RD = grouped_linear(a_RH.to(w_out.dtype), w_out, rows.counts_E, rows.splits, impl)
+        return weight_and_sum(y_RD, rows)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """[B, S, D] -> [B, S, D], what the HF block returns."""
+        """[B, S, D] -> [B, S, D], what the HF block returns: route -> dispatch -> experts -> combine (+ shared)."""
         x = hidden_states
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.route(x)
-        if self.gathers_rows(x_TD):  # dispatch and combine fused into the expert kernel
-            plan = self.dispatcher.plan(routing)
-            y_TD = self.run_experts(x_TD, plan.splits, plan.counts_E, plan.weights_R,
-                                    tokens=plan.token_rows()).to(x.dtype)
-        else:
-            x_RD, plan = self.dispatcher.dispatch(x_TD, routing)
-            w_R = self.dispatcher.row_weights(plan)
-            y_RD = self.run_experts(x_RD, plan.splits, plan.counts_E, w_R)
-            y_TD = self.dispatcher.combine(y_RD, plan, weighted=w_R is not None).to(x.dtype)
+        x_in, plan = self.dispatcher.dispatch(x_TD, routing)
+        y_TD = self.dispatcher.combine(self.run_experts(x_in, plan.rows), plan).to(x.dtype)
         if self.arch == "qwen2_moe":
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         elif self.arch == "deepseek_v3":

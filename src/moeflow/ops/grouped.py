@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moeflow.ops.grouped_mlp import GATED, grouped_mlp  # noqa: F401 (re-exported: the fused MLP has its own file)
 
 
 class _LoopGroupedLinear(torch.autograd.Function):

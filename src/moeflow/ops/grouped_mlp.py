@@ -16,9 +16,6 @@ of the input is never written or saved, nor the [R, D] gather of the output grad
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -26,15 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moeflow.config import ACTIVATIONS, GATED
 from moeflow.ops.rows import TokenRows
-from moeflow.ops.threads import parallel_items
-
-GATED = ("swiglu", "geglu")
-ACTIVATIONS = GATED + ("relu", "gelu", "silu")
-# Rows per chunk: at most 4M elements (16 MiB fp32) of pre-activation. Measured (benchmarks/layer.py A and D,
-# 1 thread): 64K-256K elements starve the GEMMs (each chunk re-streams the expert's weights; D 3.3x / 1.4x
-# slower), 2M-4M is best, 16M slower again; chunks under 32 MiB are recycled by glibc's heap, not page-faulted.
-_CHUNK_ELEMS = 1 << 22
+from moeflow.ops.threads import ExpertPool
+from moeflow.ops.tuning import tuning
 
 
 def _blocks(splits: list[int], rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -45,10 +37,6 @@ def _blocks(splits: list[int], rows: int) -> list[tuple[int, list[tuple[int, int
             out.append((e, [(lo, min(lo + rows, start + n)) for lo in range(start, start + n, rows)]))
         start += n
     return out
-
-
-# Below this many multiply-adds per layer call the pool's hand-off costs more than it saves.
-_POOL_MIN_MACS = 1 << 22
 
 
 def _row_reader(x: Tensor, tokens: TokenRows | None) -> Callable[[int, int], Tensor]:
@@ -66,24 +54,24 @@ def _costs(blocks: list[tuple[int, list[tuple[int, int]]]], w_in_EFD: Tensor) ->
     return [(spans[-1][1] - spans[0][0]) * per_row for _, spans in blocks]
 
 
-# The per-chunk kernels below are written in the TorchScript subset: scripted (see `_kernels`), each chunk runs
-# as one call that holds the GIL once, instead of about 20 Python-level torch calls that each take it twice. With
-# two expert workers those hand-offs queue on the GIL; measured on config B of benchmarks/layer.py (2 cores),
-# the backward over 64 experts took 66.7 ms scripted vs 72.5 ms as plain Python (forward 36.1 vs 37.2 ms).
-
-
 def _activation(h: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
-    """(act(h), act(gate)); the second, which the backward reuses, only for gated activations."""
-    if activation == "swiglu" or activation == "geglu":
-        half = h.shape[1] // 2
-        gate, up = h[:, :half], h[:, half:]
+    """(act(h), act(gate)) over the last dim; the second, which the backward reuses, only for gated ones."""
+    if activation in GATED:
+        gate, up = h.chunk(2, dim=-1)
         act_gate = F.silu(gate) if activation == "swiglu" else F.gelu(gate)
         return act_gate * up, act_gate
     if activation == "relu":
         return F.relu(h), None
     if activation == "gelu":
         return F.gelu(h), None
-    return F.silu(h), None
+    if activation == "silu":
+        return F.silu(h), None
+    raise ValueError(f"unknown activation {activation!r}; use one of {ACTIVATIONS}")
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """The FFN nonlinearity (config.ACTIVATIONS); gated ones split h into (gate, up) halves of the last dim."""
+    return _activation(h, activation)[0]
 
 
 def _nonlinearity_backward(grad: Tensor, x: Tensor, out: Tensor, name: str) -> None:
@@ -152,43 +140,6 @@ def _chunk_backward(g: Tensor, x: Tensor, h: Tensor, w_in: Tensor, w_out: Tensor
         torch.mm(grad_h, w_in, out=gx)
 
 
-_SCRIPTED: tuple[Callable[..., Tensor], Callable[..., None]] | None = None
-_SCRIPT_LOCK = threading.Lock()
-
-
-def _kernels() -> tuple[Callable[..., Tensor], Callable[..., None]]:
-    """(forward, backward) chunk kernels: TorchScript-compiled once, or the plain functions where that fails.
-
-    `MOEFLOW_SCRIPT=0` forces the plain functions (same results, bit for bit; tested). torch >= 2.10 emits a
-    DeprecationWarning for torch.jit.script; it is left alone (hidden by Python's default filters) because
-    changing warning filters here would affect every thread of the process.
-    """
-    global _SCRIPTED
-    if _SCRIPTED is not None:
-        return _SCRIPTED
-    with _SCRIPT_LOCK:  # two threads' first forwards must not both compile
-        if _SCRIPTED is None:
-            kernels: tuple[Callable[..., Tensor], Callable[..., None]] = (_chunk_forward, _chunk_backward)
-            if os.environ.get("MOEFLOW_SCRIPT", "1") != "0":
-                try:
-                    kernels = (torch.jit.script(_chunk_forward), torch.jit.script(_chunk_backward))
-                except Exception as err:  # noqa: BLE001 (no TorchScript, no source files, a torch without it)
-                    warnings.warn(f"moeflow: expert kernels run as plain Python ({type(err).__name__}: {err})",
-                                  RuntimeWarning, stacklevel=2)
-            _SCRIPTED = kernels
-        return _SCRIPTED
-
-
-def _kernels_for(costs: list[int]) -> tuple[Callable[..., Tensor], Callable[..., None]]:
-    """The scripted kernels for work big enough for the expert pool, else the plain ones.
-
-    A TorchScript call costs about 70 us of fixed overhead, more than the dozen Python-level ops it replaces on
-    tiny chunks; it pays off only where the pool's workers would queue on the GIL. Measured, 'tiny' preset, greedy
-    decode of 64 tokens (default OpenMP policy): 256 ms scripted vs 210 ms plain.
-    """
-    return _kernels() if sum(costs) >= _POOL_MIN_MACS else (_chunk_forward, _chunk_backward)
-
-
 class GradBuffers:
     """Memory for the stacked weight gradients that is reused across steps (CPU only), owned by one module.
 
@@ -232,6 +183,16 @@ def _storage_users(t: Tensor) -> int:
         return 1 << 30
 
 
+def _run(pool: ExpertPool | None, work: Callable[[int], None], costs: list[int], x: Tensor) -> None:
+    """The experts' work items: on the pool when there is one and the work is big enough, else inline."""
+    if pool is None:
+        for i, c in enumerate(costs):
+            if c:
+                work(i)
+        return
+    pool.run(work, costs, tuning().pool_min_macs, cpu=x.is_cpu)
+
+
 class _GroupedMLP(torch.autograd.Function):
     """y = act(x W_in^T) W_out^T per expert block, chunk by chunk.
 
@@ -243,35 +204,35 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
                 w_R: Tensor | None, splits: list[int], activation: str, keep: bool,
-                grad_buffers: GradBuffers | None, tokens: TokenRows | None) -> Tensor:
+                grad_buffers: GradBuffers | None, tokens: TokenRows | None,
+                pool: ExpertPool | None) -> Tensor:
         """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T (times w per row if given); `keep`: save h.
 
         With `tokens`, x is token-major [T, D]: each chunk gathers its rows itself and the rows' outputs are
         summed back into their tokens, [T, D].
         """
-        rows = max(1, _CHUNK_ELEMS // w_in_EFD.shape[1])
+        rows = max(1, tuning().chunk_elems // w_in_EFD.shape[1])
         y_RD = x.new_empty(sum(splits), w_out_EDH.shape[1])
         blocks = _blocks(splits, rows)
         h_blocks: list[list[Tensor]] = [[] for _ in blocks]
         read = _row_reader(x, tokens)
 
         costs = _costs(blocks, w_in_EFD)
-        chunk_forward = _kernels_for(costs)[0]
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s FFN, chunk by chunk, into its rows of y."""
             e, spans = blocks[i]
             for lo, hi in spans:
-                h = chunk_forward(read(lo, hi), w_in_EFD[e], w_out_EDH[e], y_RD[lo:hi],
+                h = _chunk_forward(read(lo, hi), w_in_EFD[e], w_out_EDH[e], y_RD[lo:hi],
                                   None if w_R is None else w_R[lo:hi], activation)
                 if keep:
                     h_blocks[i].append(h)
 
-        parallel_items(expert, costs, _POOL_MIN_MACS, cpu=x.is_cpu)
+        _run(pool, expert, costs, x)
         ctx.weighted = w_R is not None
         ctx.save_for_backward(x, w_in_EFD, w_out_EDH, w_R if ctx.weighted else x.new_empty(0),
                               *(h for hs in h_blocks for h in hs))
-        ctx.splits, ctx.activation, ctx.rows, ctx.tokens = splits, activation, rows, tokens
+        ctx.splits, ctx.activation, ctx.rows, ctx.tokens, ctx.pool = splits, activation, rows, tokens, pool
         ctx.grad_buffers = grad_buffers if grad_buffers is not None else GradBuffers()
         return y_RD if tokens is None else tokens.sum(y_RD)
 
@@ -296,31 +257,30 @@ class _GroupedMLP(torch.autograd.Function):
             first_chunk.append(first_chunk[-1] + len(spans))
 
         costs = _costs(blocks, w_in_EFD)
-        chunk_backward = _kernels_for(costs)[1]
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s gradients; its weight gradients summed over its chunks."""
             e, spans = blocks[i]
             for j, (lo, hi) in enumerate(spans):
-                chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_EFD[e],
+                _chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_EFD[e],
                                w_out_EDH[e], None if w_R is None else w_R[lo:hi],
                                None if gw_R is None else gw_R[lo:hi], None if gw_in is None else gw_in[e],
                                None if gw_out is None else gw_out[e], None if gx_RD is None else gx_RD[lo:hi],
                                j > 0, ctx.activation)
 
-        parallel_items(expert, costs, _POOL_MIN_MACS, cpu=x.is_cpu)
+        _run(ctx.pool, expert, costs, x)
         for e, n in enumerate(ctx.splits):
             if n == 0:
                 for gw in (gw_in, gw_out):
                     if gw is not None:
                         gw[e].zero_()
         gx = gx_RD if gx_RD is None or tokens is None else tokens.sum(gx_RD)
-        return gx, gw_in, gw_out, gw_R, None, None, None, None, None
+        return gx, gw_in, gw_out, gw_R, None, None, None, None, None, None
 
 
 def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
                 grad_buffers: GradBuffers | None = None, row_weights: Tensor | None = None,
-                tokens: TokenRows | None = None) -> Tensor:
+                tokens: TokenRows | None = None, pool: ExpertPool | None = None) -> Tensor:
     """Expert e's FFN on its block of rows, fused and chunked, with a hand-written backward: [R, D] -> [R, D].
 
     Args:
@@ -334,6 +294,7 @@ def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int
         tokens: the dispatch's token <-> row map. Given, the experts read row r from x[tokens.token_ids_R[r]]
             and return each token's summed rows, [T, D]: dispatch, experts and combine in one op, with no [R, D]
             copy of the inputs (forward) or of the output gradient (backward).
+        pool: the owning module's ExpertPool, to run the experts on its single-threaded workers (None: inline).
     """
     gated = activation in GATED
     if activation not in ACTIVATIONS:
@@ -357,9 +318,10 @@ def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return grouped_mlp(x.to(dtype), w_in_EFD.to(dtype), w_out_EDH.to(dtype), splits, activation,
-                               grad_buffers, None if row_weights is None else row_weights.to(dtype), tokens)
+                               grad_buffers, None if row_weights is None else row_weights.to(dtype), tokens, pool)
     if row_weights is not None:
         row_weights = row_weights.to(x.dtype).contiguous()
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, w_in_EFD, w_out_EDH, row_weights))
-    return _GroupedMLP.apply(x, w_in_EFD, w_out_EDH, row_weights, splits, activation, keep, grad_buffers, tokens)
+    return _GroupedMLP.apply(x, w_in_EFD, w_out_EDH, row_weights, splits, activation, keep, grad_buffers, tokens,
+                             pool)

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-
-_BAG_MIN_ELEMS = 1 << 16
+from moeflow.ops.tuning import tuning
 
 
 @dataclass
@@ -67,9 +66,10 @@ class TokenRows:
             return y_RD.new_zeros(self.num_tokens, y_RD.shape[1])
         # NOTE: CPU index_add is serial over rows (2.3 ms for [8192, 512] -> [4096, 512] on 2 cores) and needs a
         # zero-filled output; embedding_bag's sum is parallel over bags and writes each output row once (0.8 ms).
-        # Below _BAG_MIN_ELEMS embedding_bag's fixed cost (about 45 us) dominates (decode steps: a few rows); both
-        # add each token's rows in ascending row order, so the two give the same bits.
-        if y_RD.numel() < _BAG_MIN_ELEMS:
+        # Below tuning().bag_min_elems embedding_bag's fixed cost (about 45 us) dominates (decode steps: a few
+        # rows); both add each token's rows in ascending row order, so the two give the same bits. Off the CPU
+        # always embedding_bag: CUDA's index_add uses atomics (summation order, hence bits, vary for K > 2).
+        if y_RD.is_cpu and y_RD.numel() < tuning().bag_min_elems:
             return y_RD.new_zeros(self.num_tokens, y_RD.shape[1]).index_add_(0, self.token_ids_R, y_RD)
         return F.embedding_bag(self.bag_rows, y_RD, self.bag_offsets, mode="sum")
 
@@ -123,3 +123,24 @@ class _CombineRows(torch.autograd.Function):
         gw_R = (g_RD * y_RD).sum(1) if ctx.needs_input_grad[1] else None
         gy_RD = g_RD.mul_(w_R.unsqueeze(1)) if ctx.needs_input_grad[0] else None
         return gy_RD, gw_R, None
+
+
+@dataclass
+class ExpertRows:
+    """What the experts run: `splits[e]` rows for (local) expert e, in expert order.
+
+    tokens: given, the experts read row r from the token-major input at `tokens.token_ids_R[r]` and return each
+        token's sum of its rows, [T, D]; None, the input is the rows themselves, [R, D], and so is the output.
+    weights_R: given, each output row is scaled by it (differentiable) before any sum; None, the dispatcher's
+        combine applies the weights.
+    """
+
+    splits: list[int]
+    counts_E: Tensor
+    tokens: TokenRows | None = None
+    weights_R: Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """R, the rows the experts run."""
+        return sum(self.splits)

@@ -73,7 +73,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mode: str = "auto", sync_p
             setattr(experts, pname, nn.Parameter(p.data[local.start:local.stop].clone(),
                                                  requires_grad=p.requires_grad))
         experts.num_experts = len(local)
-        layer.dispatcher = AllToAllDispatcher(layer.dispatcher, dims, layer.cfg.num_experts, layer.cfg.num_groups,
+        layer.dispatcher = AllToAllDispatcher(dims, layer.cfg.num_experts, layer.cfg.num_groups,
                                               mode, name or "moe")
     return model
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moeflow.dispatch import DispatchPlan, LocalDispatcher
+from moeflow.dispatch import DispatchPlan, plan_dispatch
+from moeflow.ops.rows import ExpertRows
 from moeflow.parallel.collectives import all_to_all, exchange_counts
 from moeflow.parallel.groups import ParallelDims
 from moeflow.routing.base import Routing, non_finite_flag, non_finite_message
@@ -43,9 +44,9 @@ class EPDispatchPlan:
     """What combine needs to undo an expert-parallel dispatch; `counts_E`/`splits` describe the LOCAL experts."""
 
     mode: str
-    counts_E: Tensor  # rows per local expert [L] (what MoELayer hands to its experts)
+    counts_E: Tensor  # rows per local expert [L]
     splits: list[int]  # counts_E as Python ints
-    inner: DispatchPlan  # the local dispatcher's plan over global experts
+    inner: DispatchPlan  # this rank's plan over global experts (its tokens' rows, sorted by expert)
     send_splits: list[int]  # rows (dedup: unique rows) sent to each EP peer
     recv_splits: list[int]  # rows (dedup: unique rows) received from each EP peer
     order_R: Tensor | None = None  # variable/dedup: received row (rank-major) of each expert-major row
@@ -54,6 +55,11 @@ class EPDispatchPlan:
     gather_R: Tensor | None = None  # dedup: received unique row of each received (rank-major) row
     weights_R: Tensor | None = None  # dedup: routing weight of each received (rank-major) row
     token_U: Tensor | None = None  # dedup: local token of each sent unique row
+
+    @property
+    def rows(self) -> ExpertRows:
+        """The received rows, expert-major, as they are: weights are applied on the tokens' own ranks."""
+        return ExpertRows(self.splits, self.counts_E)
 
 
 @dataclass
@@ -75,19 +81,19 @@ class CommStats:
 
 
 class AllToAllDispatcher:
-    """Wraps a local dispatcher; moves rows to the ranks that hold their experts and back.
+    """Moves rows to the ranks that hold their experts and back (the `Dispatcher` contract of moeflow.dispatch).
 
     Build it with `parallelize(model, dims)`, which also slices the experts. `last_comm` holds the split sizes of
     the last forward (for benchmarks and tests).
     """
 
-    def __init__(self, inner: LocalDispatcher, dims: ParallelDims, num_experts: int, num_groups: int = 1,
-                 mode: str = "auto", name: str = "moe") -> None:
+    def __init__(self, dims: ParallelDims, num_experts: int, num_groups: int = 1, mode: str = "auto",
+                 name: str = "moe") -> None:
         """`num_groups`: routing groups per rank (the layer's cfg.num_groups), for the padded block size."""
         if mode not in MODES:
             raise ValueError(f"AllToAllDispatcher mode={mode!r} is unknown; choose one of {', '.join(MODES)}")
         self.local = dims.local_experts(num_experts, name)
-        self.inner, self.dims, self.num_experts = inner, dims, num_experts
+        self.dims, self.num_experts = dims, num_experts
         self.num_groups, self.mode, self.name = num_groups, mode, name
         self.last_comm: CommStats | None = None
 
@@ -111,7 +117,8 @@ class AllToAllDispatcher:
         bad = non_finite_flag(routing.logits_TE)
         if mode == "dedup":
             return self._dispatch_dedup(x_TD, routing, bad)
-        x_SD, inner = self.inner.dispatch(x_TD, routing)
+        inner = plan_dispatch(routing)
+        x_SD = inner.gather(x_TD)
         if mode == "variable":
             return self._dispatch_variable(x_SD, inner, bad, x_TD, routing)
         p = self.dims.ep
@@ -185,8 +192,7 @@ class AllToAllDispatcher:
         """One row per (token, destination rank); per-row local indices and weights travel alongside."""
         p, n_local, d = self.dims.ep, len(self.local), x_TD.shape[1]
         group, dims, dev = self.dims.ep_group, self.dims, x_TD.device
-        # a zero-width x: we only need the local dispatcher's ordering, not its gathered rows
-        _, inner = self.inner.dispatch(x_TD[:, :0], routing)
+        inner = plan_dispatch(routing)  # the ordering only: unique rows are gathered below
         t = max(routing.num_tokens, 1)
         dest_S = torch.repeat_interleave(torch.arange(p, device=dev), inner.counts_E.view(p, n_local).sum(1))
         key_U, inv_S = torch.unique(dest_S * t + inner.token_ids_R, sorted=True, return_inverse=True)
@@ -215,27 +221,21 @@ class AllToAllDispatcher:
                               weights_R=w_R, token_U=token_U)
         return x_recv_U.index_select(0, gather_R.index_select(0, order_R)), plan
 
-    def row_weights(self, plan: EPDispatchPlan) -> None:
-        """None: the combine weights are applied on each token's own rank (see `combine`), not by the experts."""
-        return None
-
-    def combine(self, y_RD: Tensor, plan: EPDispatchPlan, weighted: bool = False) -> Tensor:
+    def combine(self, y_RD: Tensor, plan: EPDispatchPlan) -> Tensor:
         """Send expert outputs back to their tokens' ranks and combine there: [T, D]."""
-        if weighted:
-            raise ValueError(f"{self.name}: rows must come unweighted (row_weights() is None for expert parallelism)")
         p, n_local, d = self.dims.ep, len(self.local), y_RD.shape[1]
         group, dims = self.dims.ep_group, self.dims
         if plan.mode == "padded":
             y_recv = y_RD.view(n_local, p, plan.slots, d).transpose(0, 1).reshape(-1, d)
             y_pad = all_to_all(y_recv, plan.send_splits, plan.recv_splits, group, dims,
                                f"{self.name}: all_to_all(combine, padded)")
-            return self.inner.combine(y_pad.index_select(0, plan.slot_S), plan.inner)
+            return plan.inner.scatter_sum(y_pad.index_select(0, plan.slot_S), plan.inner.weights_R)
         # rank-major order again (inverse of the expert-major permutation)
         y_recv = y_RD.new_empty(y_RD.shape).index_copy(0, plan.order_R, y_RD)
         if plan.mode == "variable":
             y_SD = all_to_all(y_recv, plan.send_splits, plan.recv_splits, group, dims,
                               f"{self.name}: all_to_all(combine)")
-            return self.inner.combine(y_SD, plan.inner)
+            return plan.inner.scatter_sum(y_SD, plan.inner.weights_R)
         yw_R = y_recv * plan.weights_R.to(y_recv.dtype)
         y_recv_U = yw_R.new_zeros(sum(plan.recv_splits), d).index_add(0, plan.gather_R, yw_R)
         y_U = all_to_all(y_recv_U, plan.send_splits, plan.recv_splits, group, dims,

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from moeflow.config import MoEConfig
 from moeflow.ops.capacity import capacity_keep
 from moeflow.ops.losses import entropy, switch_balance_loss, z_loss
-from moeflow.ops.threads import uniform_like
 
 
 @dataclass
@@ -84,18 +83,12 @@ class Routing:
 
 def logits_finite(logits_TE: Tensor) -> bool:
     """True when every router logit is finite (one host sync)."""
-    if logits_TE.numel() < 1 << 16:  # decode-sized: two ops beat non_finite_flag's six
-        return bool(torch.isfinite(logits_TE).all())
-    return not bool(non_finite_flag(logits_TE))
+    return bool(torch.isfinite(logits_TE).all())
 
 
 def non_finite_flag(logits_TE: Tensor) -> Tensor:
     """int64 [1] on the logits' device: 1 if any logit is NaN/inf, else 0 (no host sync)."""
-    if logits_TE.numel() == 0:
-        return torch.zeros(1, dtype=torch.int64, device=logits_TE.device)
-    # NOTE: min and max in one pass, NaN-propagating: 6x cheaper than isfinite().all() (0.15 vs 0.9 ms, [4096, 64])
-    lo, hi = torch.aminmax(logits_TE)
-    return (~(torch.isfinite(lo) & torch.isfinite(hi))).to(torch.int64).view(1)
+    return (~torch.isfinite(logits_TE).all()).to(torch.int64).view(1)
 
 
 def non_finite_message(x_TD: Tensor, routing: Routing) -> str:
@@ -153,7 +146,7 @@ class Router(nn.Module):
         """The router's input: x, with Switch's multiplicative jitter in training."""
         eps = self.cfg.jitter_eps or 0.0
         if self.training and eps > 0:
-            return x_TD * uniform_like(x_TD, 1.0 - eps, 1.0 + eps)
+            return x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return x_TD
 
     def logits(self, x_TD: Tensor) -> Tensor:

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from moeflow.ops.losses import gshard_aux_loss
-from moeflow.ops.topk import top_k
 from moeflow.routing.base import Router, Selection
 
 
@@ -22,7 +21,7 @@ class GShardRouter(Router):
     def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
                num_groups: int) -> Selection:
         """Top-2 with the second choice kept at random in proportion to its gate."""
-        g_T2, e_T2 = top_k(probs_TE, 2)
+        g_T2, e_T2 = probs_TE.topk(2, dim=-1)
         g_T2 = g_T2 / g_T2.sum(-1, keepdim=True).clamp_min(torch.finfo(g_T2.dtype).tiny)
         routed_KT = None
         if self.cfg.random_routing and (self.training or self.cfg.eval_random_routing):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moeflow.ops.topk import top_k
 from moeflow.routing.base import Router, Selection
 
 
@@ -17,7 +16,7 @@ class TopKRouter(Router):
     def select(self, x_TD: Tensor, logits_TE: Tensor, probs_TE: Tensor, group_T: Tensor,
                num_groups: int) -> Selection:
         """Top-k of the softmax probabilities."""
-        w_TK, e_TK = top_k(probs_TE, self.top_k)
+        w_TK, e_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.cfg.normalize:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         experts_KT, weights_KT = e_TK.t(), w_TK.t()
