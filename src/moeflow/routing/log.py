@@ -8,7 +8,7 @@ after the scope closed, so it is never counted twice, and two forwards in one sc
     with record_routing() as log:
         logits = model(x)
     loss = task_loss(logits) + log.aux_loss()
-    stats = layer_stats(log.per_layer(model_moe_layers))   # one merged Routing per layer
+    stats = layer_stats(log.per_layer([m for _, m in moe_layers(model)]))   # one merged Routing per layer
 """
 
 from __future__ import annotations
