@@ -268,7 +268,7 @@ class MoEConfig(Config):
                  f"top_k={self.top_k} exceeds the {self.num_experts // self.num_clusters} experts of one cluster")
 
     def groups(self, training: bool) -> int:
-        """Fixed routing groups per forward in this mode (with group_by_sequence: 1 here, one per sequence there)."""
+        """Routing groups per forward in this mode (group_by_sequence overrides it: one group per sequence)."""
         return self.num_groups if training or self.eval_num_groups is None else self.eval_num_groups
 
     def capacity(self, tokens_per_group: int, training: bool = True) -> int | None:

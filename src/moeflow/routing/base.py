@@ -157,7 +157,7 @@ class Router(nn.Module):
             bias = None if self.bias is None else self.bias.to(dtype)
             return nn.functional.linear(self.gate_input(x_TD).to(dtype), self.weight.to(dtype), bias)
 
-    def num_groups(self, num_tokens: int, seq_len: int | None) -> int:
+    def routing_groups(self, num_tokens: int, seq_len: int | None) -> int:
         """Routing groups of this forward: one per sequence (group_by_sequence), else the mode's fixed count."""
         if self.cfg.group_by_sequence:
             if seq_len is None or seq_len < 1 or num_tokens % seq_len:
@@ -204,7 +204,7 @@ class Router(nn.Module):
         if x_TD.dim() != 2 or x_TD.shape[1] != self.cfg.d_model:
             raise ValueError(f"router expects [tokens, {self.cfg.d_model}], got {tuple(x_TD.shape)}")
         t = x_TD.shape[0]
-        g = self.num_groups(t, seq_len)
+        g = self.routing_groups(t, seq_len)
         group_T = self.group_ids(t, g, x_TD.device)
         logits_TE = self.logits(x_TD)
         probs_TE = self.scores(logits_TE)
