@@ -185,6 +185,8 @@ RANGES = [
     ("SwitchConfig", dict(activation="tanh"), r"SwitchConfig\.activation='tanh' is unknown; choose one of swiglu"),
     ("SwitchConfig", dict(router_jitter=1.0), r"SwitchConfig\.router_jitter must be in \[0, 1\), got 1\.0"),
     ("Seq2SeqConfig", dict(dropout=1.0), r"Seq2SeqConfig\.dropout must be in \[0, 1\), got 1\.0"),
+    ("Seq2SeqConfig", dict(moe=MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=1, expert_capacity=2)),
+     r"Seq2SeqConfig\.moe: the MoE layers route the batch's non-padding tokens .* not expert_capacity"),
     ("Seq2SeqConfig", dict(eval_capacity_factor=0), r"eval_capacity_factor must be a finite number > 0 "
                                                     r"\(or None for dropless\), got 0"),
     ("TrainConfig", dict(lr=0.0), r"train\.lr must be a finite number > 0, got 0\.0"),
