@@ -18,7 +18,8 @@ from moeflow.config import ConfigError, MoEConfig
 from moeflow.layers import MoELayer
 from moeflow.tasks.ablation import ablation_variants, parse_axis
 from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, pydoc_text, segment_sentences, split_corpus
-from moeflow.tasks.translate import CharVocab, TranslateData, apply_overrides, edit_distance, translate_preset
+from moeflow.tasks.translate import CharVocab, TranslateData, edit_distance, translate_overrides, translate_preset
+from moeflow.train.config import parse_set
 
 WORDS = st.text(alphabet="'" + string.ascii_lowercase, min_size=1, max_size=8)
 SENTENCES = st.lists(WORDS, min_size=1, max_size=6).map(" ".join)
@@ -129,17 +130,18 @@ def test_language_routing_counts_a_real_routing() -> None:
 
 
 def test_overrides_and_ablation_variants() -> None:
-    cfg = apply_overrides(translate_preset("gshard"), ["steps=7", "model.moe.capacity_factor=2",
-                                                       "languages=['cip','rev']"])
+    cfg = translate_overrides(translate_preset("gshard"), {"steps": 7, "model.moe.capacity_factor": 2,
+                                                           "languages": ["cip", "rev"]})
     assert cfg.steps == 7 and cfg.model.moe.capacity_factor == 2.0 and cfg.languages == ["cip", "rev"]
     assert cfg.model.vocab_size == len(CharVocab(["cip", "rev"])) == 3 + 2 + len(CHARSET)
-    with pytest.raises(ConfigError, match="unknown field"):
-        apply_overrides(cfg, ["model.moe.capacity=2"])
-    with pytest.raises(ConfigError, match="not a valid"):
-        apply_overrides(cfg, ["steps=1.5"])
-    assert apply_overrides(cfg, ["lr=1", "model.moe.capacity_factor=None"]).lr == 1.0
+    with pytest.raises(ConfigError, match="unknown config key 'model.moe.capacity'; did you mean .*"
+                                          "model.moe.capacity_factor"):
+        translate_overrides(cfg, {"model.moe.capacity": 2})
+    with pytest.raises(ConfigError, match=r"steps=1.5: expected int"):
+        translate_overrides(cfg, parse_set(["steps=1.5"]))
+    assert translate_overrides(cfg, parse_set(["lr=1", "model.moe.capacity_factor=None"])).lr == 1.0
     with pytest.raises(ValueError, match="unknown language"):
-        apply_overrides(cfg, ["languages=['xyz']"])
+        translate_overrides(cfg, {"languages": ["xyz"]})
     names = [n for n, _ in ablation_variants(cfg, dict([parse_axis("capacity_factor=0.5,2"),
                                                         parse_axis("random_routing=on,off")]))]
     assert names == ["base", "capacity_factor=0.5", "random_routing=False", "dense"]
