@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import moeflow.train.checkpoint as ckpt_mod
 from moeflow.config import ConfigError
@@ -210,6 +211,41 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, text_file: Path, router
     if router == "deepseek":  # the trainer applied the post-step bias update
         biases = [m.router.e_score_correction_bias for m in full.model.moe_layers()]
         assert all(b.abs().max() > 0 for b in biases)
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "deepseek"])
+def test_activation_checkpointing_gives_the_same_losses_and_logged_counts(tmp_path: Path, text_file: Path,
+                                                                         router: str) -> None:
+    """Recomputing every block in backward (torch.utils.checkpoint, non-reentrant) changes nothing the trainer
+    logs or applies: losses, aux losses, grad norms, per-expert counts, and the DeepSeek bias updates."""
+    extra: dict[str, object] = {"model.moe.router": router, "train.steps": 4, "train.eval_every": 0}
+    extra.update({"model.moe.capacity_factor": 1.0} if router == "noisy_topk" else
+                 {"model.moe.bias_update_rate": 0.01, "model.moe.aux_loss_coef": 1e-2})
+    cfg = tiny_cfg(text_file, **extra)
+    runs, forwards, biases = {}, {}, {}
+    for ckpt in (False, True):
+        t = lm_trainer(cfg, tmp_path / f"ckpt{ckpt}", progress=False)
+        t.model.activation_checkpointing = ckpt
+        moe = t.model.moe_layers()[0]
+        calls = []
+        moe.register_forward_hook(lambda *_: calls.append(1))
+        # no early stop: the recompute runs each block to its end, log_routing call included
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            t.run()
+        runs[ckpt] = [json.loads(x) for x in (tmp_path / f"ckpt{ckpt}" / "metrics.jsonl").read_text().splitlines()]
+        forwards[ckpt] = len(calls)
+        biases[ckpt] = [getattr(m.router, "e_score_correction_bias", torch.zeros(1)).tolist()
+                        for m in t.model.moe_layers()]
+    # the recompute really ran (one extra forward per training step), and the log counted each forward once
+    assert forwards[True] == forwards[False] + cfg.train.steps
+    train = [[{k: r[k] for k in ("loss", "aux", "ce", "grad_norm", "layers")} for r in recs if r.get("kind") == "train"]
+             for recs in (runs[False], runs[True])]
+    assert len(train[0]) == 4 and train[0] == train[1]  # bitwise: every float and every per-expert count
+    assert all(sum(lay["tokens_per_expert"]) > 0 for rec in train[0] for lay in rec["layers"])
+    assert train[0][0]["aux"] > 0
+    assert biases[False] == biases[True]
+    if router == "deepseek":  # the bias update ran, from the logged (not the recomputed) counts
+        assert any(abs(b) > 0 for bias in biases[False] for b in bias)
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path, text_file: Path) -> None:
