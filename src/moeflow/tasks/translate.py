@@ -94,7 +94,10 @@ class TranslateConfig:
     routing_batches: int = 8  # held-out batches of 128 sentences for the language x expert tables
     log_every: int = 50
     seed: int = 0
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    # torch CPU threads, set once by the CLI (0: torch's default). One: on a shared 2-core machine two threads
+    # spin in OpenMP barriers (gshard preset, 15 steps: 0.27-0.29 s/step at 1 thread, 3.6-3.9 s at 2); only with
+    # OMP_WAIT_POLICY=PASSIVE did 2 threads win (0.35-0.40 s vs 0.46-0.55 s), so one is the robust default
+    threads: int = 1
     cpu_limit_s: float = 0.0  # stop once the training steps used this much process CPU time (0: run all steps)
 
     def __post_init__(self) -> None:
