@@ -206,7 +206,8 @@ def _unknown_key(key: str, cls: type) -> ConfigError:
     close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
     close += [k for k in difflib.get_close_matches(key, keys, n=4, cutoff=0.6) if k not in close]
     hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint} (`moeflow train --list-keys` prints them all)")
+    lister = "moeflow train --list-keys" if cls is RunConfig else "--list-keys"
+    return ConfigError(f"unknown config key {key!r}{hint} (`{lister}` prints them all)")
 
 
 def _type_name(hint: Any) -> str:

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -197,7 +197,6 @@ class TrainResult:
     checkpoint: Path
     tokens_per_cpu_s: float = float("nan")  # median tokens per CPU-second (all threads): robust to shared CPUs
     cpu_s: float = 0.0  # process CPU time of the training steps (all threads), over every session of the run
-    last_eval: dict[str, Any] = field(default_factory=dict)  # the task's last evaluation
 
     @property
     def val_bpb(self) -> float:
@@ -375,7 +374,7 @@ class Trainer:
             evaluation = self.evaluate()  # stopped early between evaluations
         elapsed = self.elapsed_before + time.perf_counter() - t_start
         return TrainResult(self.run_dir, self.step, sum(recent) / max(len(recent), 1), evaluation["val_loss"],
-                           _median(rates), elapsed, self.ckpt_path, _median(cpu_rates), cpu_s, evaluation)
+                           _median(rates), elapsed, self.ckpt_path, _median(cpu_rates), cpu_s)
 
     def _log_eval(self, log: MetricsLog | None, progress: Progress) -> dict[str, Any]:
         """Evaluate, log the record and print its line."""
