@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from moeflow.models import generate
-from moeflow.train import Trainer, apply_overrides, dense_counterpart, get_preset, load_corpus
+from moeflow.train import apply_overrides, dense_counterpart, get_preset, lm_trainer, load_corpus
 from moeflow.train.config import RunConfig
 
 QUICK = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1,
@@ -40,7 +40,7 @@ def bench_training(cfgs: dict[str, RunConfig], steps: int, warmup: int, tick: Ca
     """Median tokens/s per config over `steps` optimizer steps, interleaved across configs."""
     corpus = load_corpus(next(iter(cfgs.values())).data)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {k: Trainer(c, f"{tmp}/{k}", corpus=corpus, progress=False) for k, c in cfgs.items()}
+        trainers = {k: lm_trainer(c, f"{tmp}/{k}", corpus=corpus, progress=False) for k, c in cfgs.items()}
         times: dict[str, list[float]] = {k: [] for k in cfgs}
         for i in range(warmup + steps):
             for k, t in trainers.items():

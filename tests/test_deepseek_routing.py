@@ -13,6 +13,7 @@ from moeflow.config import ConfigError
 from moeflow.models import ModelConfig, MoETransformer
 from moeflow.routing import ROUTERS, build_router
 from moeflow.routing.deepseek import DeepSeekRouter, group_limited_mask, update_router_biases
+from moeflow.routing.log import record_routing
 
 
 def reference_route(logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int,
@@ -104,10 +105,11 @@ def _skewed_run(rate: float, steps: int = 120) -> list[float]:
     history = []
     with torch.no_grad():
         for _ in range(steps):
-            layer(torch.randn(1024, d) * 0.5 + u)
-            load = layer.last_routing.tokens_per_expert.float()
+            with record_routing() as log:
+                layer(torch.randn(1024, d) * 0.5 + u)
+            load = log.per_layer([layer])[0].tokens_per_expert.float()
             history.append(float(load.max() / load.mean()))
-            update_router_biases(layer)
+            assert update_router_biases(log) == 1
     return history
 
 
@@ -134,10 +136,11 @@ def test_usable_in_moeflow_models() -> None:
                                     bias_update_rate=1e-3, aux_loss_coef=1e-4))
     model = MoETransformer(cfg)
     ids = torch.randint(0, 32, (2, 8))
-    logits = model(ids)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()) + model.aux_loss()
+    with record_routing() as log:
+        logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()) + log.aux_loss()
     loss.backward()
     assert all(m.router.weight.grad is not None for _, m in moe_layers(model))
     assert all(m.shared is not None for _, m in moe_layers(model))
-    assert update_router_biases(model) == 2
+    assert update_router_biases(log) == 2
     assert all(m.router.e_score_correction_bias.abs().sum() > 0 for _, m in moe_layers(model))

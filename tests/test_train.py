@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import moeflow.train.checkpoint as ckpt_mod
 from moeflow.config import ConfigError
 from moeflow.layers import moe_layers
 from moeflow.models import ModelConfig
-from moeflow.train import (DataError, LocalHooks, RunConfig, Trainer, TrainingDiverged, apply_overrides,
-                           config_keys, dense_counterpart, get_preset, load_checkpoint, load_config_file, parse_set)
+from moeflow.train import (DataError, LocalHooks, RunConfig, TrainingDiverged, apply_overrides, config_keys,
+                           dense_counterpart, get_preset, lm_trainer, load_checkpoint, load_config_file, parse_set)
 from moeflow.train.checkpoint import atomic_torch_save
 from moeflow.train.config import TrainConfig
 from moeflow.train.trainer import lr_at
@@ -136,19 +137,19 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path: Path, text_file: Path) -> None:
-    t = Trainer(tiny_cfg(text_file), tmp_path / "run", progress=False)
+    t = lm_trainer(tiny_cfg(text_file), tmp_path / "run", progress=False)
     t.train_step()
     t.save(elapsed_s=1.5)
     ck = load_checkpoint(tmp_path / "run")
     assert ck["step"] == 1 and ck["extra"]["elapsed_s"] == 1.5
-    assert ck["config"] == t.cfg.to_dict()
+    assert ck["config"] == t.task.config_dict()
     for k, v in t.model.state_dict().items():
         assert torch.equal(ck["model"][k], v), k
     params = dict(t.model.named_parameters())
     assert set(ck["optimizer"]["state"]) == set(params)  # keyed by name (the layout moeflow.parallel gathers)
     for name, entry in ck["optimizer"]["state"].items():
         assert torch.equal(entry["exp_avg"], t.optimizer.state[params[name]]["exp_avg"]), name
-    assert torch.equal(ck["data"]["generator"], t.batches.generator.get_state())
+    assert torch.equal(ck["data"]["generator"], t.task.batches.generator.get_state())
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,13 +195,13 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, text_file: Path, router
     if router == "deepseek":
         extra["model.moe.bias_update_rate"] = 0.01
     cfg = tiny_cfg(text_file, **extra)
-    full = Trainer(cfg, tmp_path / "full", progress=False)
+    full = lm_trainer(cfg, tmp_path / "full", progress=False)
     res_full = full.run()
-    half = Trainer(cfg, tmp_path / "half", progress=False)
+    half = lm_trainer(cfg, tmp_path / "half", progress=False)
     half.run(stop_at=4)
     assert load_checkpoint(tmp_path / "half")["step"] == 4
     torch.manual_seed(12345)  # a fresh process would start with other global RNG state
-    resumed = Trainer(cfg, tmp_path / "half", resume=True, progress=False)
+    resumed = lm_trainer(cfg, tmp_path / "half", resume=True, progress=False)
     assert resumed.step == 4
     res_resumed = resumed.run()
     assert _losses(tmp_path / "full") == _losses(tmp_path / "half")  # bitwise, all 8 steps
@@ -213,16 +214,51 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, text_file: Path, router
         assert all(b.abs().max() > 0 for b in biases)
 
 
+@pytest.mark.parametrize("router", ["noisy_topk", "deepseek"])
+def test_activation_checkpointing_gives_the_same_losses_and_logged_counts(tmp_path: Path, text_file: Path,
+                                                                         router: str) -> None:
+    """Recomputing every block in backward (torch.utils.checkpoint, non-reentrant) changes nothing the trainer
+    logs or applies: losses, aux losses, grad norms, per-expert counts, and the DeepSeek bias updates."""
+    extra: dict[str, object] = {"model.moe.router": router, "train.steps": 4, "train.eval_every": 0}
+    extra.update({"model.moe.capacity_factor": 1.0} if router == "noisy_topk" else
+                 {"model.moe.bias_update_rate": 0.01, "model.moe.aux_loss_coef": 1e-2})
+    cfg = tiny_cfg(text_file, **extra)
+    runs, forwards, biases = {}, {}, {}
+    for ckpt in (False, True):
+        t = lm_trainer(cfg, tmp_path / f"ckpt{ckpt}", progress=False)
+        t.model.activation_checkpointing = ckpt
+        moe = moe_layers(t.model)[0][1]
+        calls = []
+        moe.register_forward_hook(lambda *_: calls.append(1))
+        # no early stop: the recompute runs each block to its end, log_routing call included
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            t.run()
+        runs[ckpt] = [json.loads(x) for x in (tmp_path / f"ckpt{ckpt}" / "metrics.jsonl").read_text().splitlines()]
+        forwards[ckpt] = len(calls)
+        biases[ckpt] = [getattr(m.router, "e_score_correction_bias", torch.zeros(1)).tolist()
+                        for _, m in moe_layers(t.model)]
+    # the recompute really ran (one extra forward per training step), and the log counted each forward once
+    assert forwards[True] == forwards[False] + cfg.train.steps
+    train = [[{k: r[k] for k in ("loss", "aux", "ce", "grad_norm", "layers")} for r in recs if r.get("kind") == "train"]
+             for recs in (runs[False], runs[True])]
+    assert len(train[0]) == 4 and train[0] == train[1]  # bitwise: every float and every per-expert count
+    assert all(sum(lay["tokens_per_expert"]) > 0 for rec in train[0] for lay in rec["layers"])
+    assert train[0][0]["aux"] > 0
+    assert biases[False] == biases[True]
+    if router == "deepseek":  # the bias update ran, from the logged (not the recomputed) counts
+        assert any(abs(b) > 0 for bias in biases[False] for b in bias)
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path, text_file: Path) -> None:
-    Trainer(tiny_cfg(text_file), tmp_path / "r", progress=False).run(stop_at=4)
+    lm_trainer(tiny_cfg(text_file), tmp_path / "r", progress=False).run(stop_at=4)
     with pytest.raises(ConfigError, match=r"different config \(train\.lr\)"):
-        Trainer(tiny_cfg(text_file, **{"train.lr": 0.5}), tmp_path / "r", resume=True, progress=False)
+        lm_trainer(tiny_cfg(text_file, **{"train.lr": 0.5}), tmp_path / "r", resume=True, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- failures
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path: Path, text_file: Path) -> None:
     cfg = tiny_cfg(text_file, **{"train.ckpt_every": 2})
-    t = Trainer(cfg, tmp_path / "r", progress=False)
+    t = lm_trainer(cfg, tmp_path / "r", progress=False)
     calls = {"n": 0}
 
     def poison(_module: torch.nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
@@ -244,14 +280,14 @@ def test_huge_lr_diverges_cleanly(tmp_path: Path, text_file: Path) -> None:
     cfg = tiny_cfg(text_file, **{"train.lr": 1e6, "train.grad_clip": 0.0, "train.warmup": 0, "train.steps": 30,
                                  "train.eval_every": 0, "train.ckpt_every": 0})
     with pytest.raises(TrainingDiverged, match=r"step \d+: the (training loss|gradient norm) is (nan|inf)"):
-        Trainer(cfg, tmp_path / "r", progress=False).run()
+        lm_trainer(cfg, tmp_path / "r", progress=False).run()
 
 
 def test_token_ids_beyond_vocab_are_rejected(tmp_path: Path) -> None:
     np.save(tmp_path / "ids.npy", (np.arange(2000) % 300).astype(np.int32))
     cfg = apply_overrides(get_preset("tiny"), tiny_overrides(tmp_path / "ids.npy"))
     with pytest.raises(DataError, match=r"token id 299 does not fit model\.vocab_size=256.*vocab_size=300"):
-        Trainer(cfg, tmp_path / "r", progress=False)
+        lm_trainer(cfg, tmp_path / "r", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- parallel seam
@@ -278,7 +314,7 @@ class CountingHooks(LocalHooks):
 
 def test_trainer_calls_the_parallel_hooks(tmp_path: Path, text_file: Path) -> None:
     hooks = CountingHooks()
-    res = Trainer(tiny_cfg(text_file), tmp_path / "r", hooks=hooks, progress=False).run()
+    res = lm_trainer(tiny_cfg(text_file), tmp_path / "r", hooks=hooks, progress=False).run()
     assert hooks.calls == {"wrap_model": 1, "reduce_gradients": 8, "full_state_dict": 2}
     assert res.step == 8 and math.isfinite(res.val_loss)
 
@@ -287,7 +323,7 @@ def test_dense_preset_trains_and_logs_no_routing(tmp_path: Path, text_file: Path
     cfg = apply_overrides(get_preset("tiny-dense"), {k: v for k, v in tiny_overrides(text_file).items()
                                                     if not k.startswith("model.moe")})
     assert isinstance(cfg.model, ModelConfig) and cfg.model.moe is None
-    res = Trainer(cfg, tmp_path / "d", progress=False).run()
+    res = lm_trainer(cfg, tmp_path / "d", progress=False).run()
     recs = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert res.step == 8 and all(r["layers"] == [] for r in recs if r["kind"] == "train")
     assert res.val_loss < math.log(256)  # it learned something in 8 steps

@@ -18,7 +18,9 @@ from moeflow.config import ConfigError, MoEConfig
 from moeflow.layers import MoELayer
 from moeflow.tasks.ablation import ablation_variants, parse_axis
 from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, pydoc_text, segment_sentences, split_corpus
-from moeflow.tasks.translate import CharVocab, TranslateData, apply_overrides, edit_distance, translate_preset
+from moeflow.tasks.translate import CharVocab, TranslateData, edit_distance, translate_overrides, translate_preset
+from moeflow.train.checkpoint import load_checkpoint
+from moeflow.train.config import parse_set
 
 WORDS = st.text(alphabet="'" + string.ascii_lowercase, min_size=1, max_size=8)
 SENTENCES = st.lists(WORDS, min_size=1, max_size=6).map(" ".join)
@@ -129,17 +131,18 @@ def test_language_routing_counts_a_real_routing() -> None:
 
 
 def test_overrides_and_ablation_variants() -> None:
-    cfg = apply_overrides(translate_preset("gshard"), ["steps=7", "model.moe.capacity_factor=2",
-                                                       "languages=['cip','rev']"])
+    cfg = translate_overrides(translate_preset("gshard"), {"steps": 7, "model.moe.capacity_factor": 2,
+                                                           "languages": ["cip", "rev"]})
     assert cfg.steps == 7 and cfg.model.moe.capacity_factor == 2.0 and cfg.languages == ["cip", "rev"]
     assert cfg.model.vocab_size == len(CharVocab(["cip", "rev"])) == 3 + 2 + len(CHARSET)
-    with pytest.raises(ConfigError, match="unknown field"):
-        apply_overrides(cfg, ["model.moe.capacity=2"])
-    with pytest.raises(ConfigError, match="not a valid"):
-        apply_overrides(cfg, ["steps=1.5"])
-    assert apply_overrides(cfg, ["lr=1", "model.moe.capacity_factor=None"]).lr == 1.0
+    with pytest.raises(ConfigError, match="unknown config key 'model.moe.capacity'; did you mean .*"
+                                          "model.moe.capacity_factor"):
+        translate_overrides(cfg, {"model.moe.capacity": 2})
+    with pytest.raises(ConfigError, match=r"steps=1.5: expected int"):
+        translate_overrides(cfg, parse_set(["steps=1.5"]))
+    assert translate_overrides(cfg, parse_set(["lr=1", "model.moe.capacity_factor=None"])).lr == 1.0
     with pytest.raises(ValueError, match="unknown language"):
-        apply_overrides(cfg, ["languages=['xyz']"])
+        translate_overrides(cfg, {"languages": ["xyz"]})
     names = [n for n, _ in ablation_variants(cfg, dict([parse_axis("capacity_factor=0.5,2"),
                                                         parse_axis("random_routing=on,off")]))]
     assert names == ["base", "capacity_factor=0.5", "random_routing=False", "dense"]
@@ -213,3 +216,36 @@ def test_translate_data_pairs_are_consistent() -> None:
         assert v.itos[int(src[i, 0])] == f"<2{code}>"
         assert v.decode(tout[i].tolist()) == LANGUAGES[code].encode(english)
         assert tin[i, 0] == v.bos and torch.equal(tin[i, 1:][tout[i, 1:] != 0], tout[i, :-1][tout[i, 1:] != 0])
+
+
+def _train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_translate_resume_is_bitwise_and_stop_at_stops_with_a_checkpoint(tmp_path, capsys) -> None:
+    """N steps straight == N/2 (--stop-at) + --resume + N/2: every loss, the held-out loss and the weights.
+
+    Dropout and GShard random routing draw from the global RNG and the batches from the task's generator: the
+    checkpoint must restore all of them."""
+    common = ["train", "--task", "translate", "--preset", "tiny", "--max-steps", "6", "--quiet", "--out",
+              str(tmp_path), "--set", "eval_sentences=2", "--set", "model.dropout=0.1", "--set", "eval_every=2",
+              "--set", "languages=['cip','rev']"]
+    assert main(common + ["--name", "full"]) == 0
+    assert main(common + ["--name", "half", "--stop-at", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step 3 of 6: continue with --resume" in out
+    half = tmp_path / "half"
+    assert load_checkpoint(half)["step"] == 3 and [r["step"] for r in _train_records(half)] == [1, 2, 3]
+    assert json.loads((half / "summary.json").read_text())["steps"] == 3
+    torch.manual_seed(321)  # a fresh process would start from other global RNG state
+    assert main(["train", "--task", "translate", "--resume", str(half), "--quiet"]) == 0
+    full, resumed = _train_records(tmp_path / "full"), _train_records(half)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["loss"] for r in full] == [r["loss"] for r in resumed]  # bitwise, every step
+    assert [r["layers"] for r in full] == [r["layers"] for r in resumed]
+    ends = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("full", "half")]
+    assert ends[0]["heldout_ce"] == ends[1]["heldout_ce"] and ends[1]["steps"] == 6
+    a, b = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(half)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["train", "--task", "translate", "--resume", str(half), "--set", "lr=1.0"]) == 2
+    assert "--resume continues a run with its own config.json" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from dist_harness import world_mean
 from moeflow import MoEConfig, MoELayer, moe_layers
 from moeflow.models import MoETransformer
 from moeflow.models.config import ModelConfig
+from moeflow.routing.log import record_routing
 from moeflow.parallel import (ParallelDims, all_to_all, allreduce_gradients, barrier_with_timeout, clip_grad_norm_,
                               expert_parameters, gather_full_optimizer_state, gather_full_state_dict,
                               init_distributed, is_main, load_full_optimizer_state, load_full_state_dict,
@@ -79,7 +80,8 @@ def _layer_case(name: str, rank: int, world: int, dims, device: str = "cpu") -> 
 
     parallelize(layer, dims, mode=mode)
     xl = x[rank].clone().requires_grad_(True)
-    y = layer(xl)
+    with record_routing() as log:
+        y = layer(xl)
     ((y * g[rank]).sum() / T_LOCAL + layer.aux_loss).backward()
     allreduce_gradients(layer, dims)
 
@@ -91,7 +93,7 @@ def _layer_case(name: str, rank: int, world: int, dims, device: str = "cpu") -> 
            "sent_rows": float(sum(layer.dispatcher.last_comm.send_rows)) if dims.ep > 1 else -1.0}
     if cfg.router == "deepseek":  # the aux-free bias update must see the global load on every rank
         ref.router.update_bias(routing.tokens_per_expert)
-        update_router_biases(layer, dims)
+        update_router_biases(log, dims)
         bias = layer.router.e_score_correction_bias
         out["bias"] = float((bias - ref.router.e_score_correction_bias).abs().max())
         out["bias_unmoved"] = float(bool(bias.abs().max() == 0))  # 1 would mean the update did nothing
@@ -215,12 +217,12 @@ def trainer_overrides(corpus: str, **extra: object) -> dict[str, object]:
 def trainer_worker(rank: int, world: int, corpus: str, run_dir: str) -> dict:
     """moeflow.train.Trainer with DistributedHooks (EP = world): final val loss, logged grad norms, resume works."""
     from moeflow.parallel import DistributedHooks
-    from moeflow.train import Trainer, apply_overrides, get_preset
+    from moeflow.train import apply_overrides, get_preset, lm_trainer
     cfg = apply_overrides(get_preset("tiny"), trainer_overrides(corpus))
     hooks = DistributedHooks(init_distributed(ep=world, timeout_s=60))
-    first = Trainer(cfg, run_dir, hooks=hooks, progress=False)
+    first = lm_trainer(cfg, run_dir, hooks=hooks, progress=False)
     first.run(stop_at=2)  # checkpoint at step 2 (gathered logical state), then resume from it
-    res = Trainer(cfg, run_dir, resume=True, hooks=hooks, progress=False).run()
+    res = lm_trainer(cfg, run_dir, resume=True, hooks=hooks, progress=False).run()
     metrics = (Path(run_dir) / "metrics.jsonl").read_text() if rank == 0 else ""
     return {"val_loss": res.val_loss, "step": res.step, "metrics": metrics}
 

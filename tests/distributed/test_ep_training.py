@@ -96,11 +96,11 @@ def test_trainer_with_distributed_hooks_matches_single_process(world2: list[dict
 
     from ep_workers import trainer_overrides
 
-    from moeflow.train import Trainer, apply_overrides, get_preset
+    from moeflow.train import apply_overrides, get_preset, lm_trainer
     got = world2[0]["trainer"]
     assert "error" not in got, got.get("error")
     cfg = apply_overrides(get_preset("tiny"), trainer_overrides(str(corpus), **{"model.moe.num_groups": 2}))
-    ref = Trainer(cfg, tmp_path / "ref", progress=False).run()
+    ref = lm_trainer(cfg, tmp_path / "ref", progress=False).run()
     ref_recs = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     got_recs = [json.loads(x) for x in got["metrics"].splitlines()]
     norms = [[r["grad_norm"] for r in recs if r["kind"] == "train"] for recs in (ref_recs, got_recs)]

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from moeflow.config import ConfigError
+from moeflow.ops.threads import cpu_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +42,14 @@ def run(args: argparse.Namespace) -> int:
     """Build the variants, train them in turn, print the table."""
     from moeflow.tasks.ablation import DEFAULT_AXES, ablation_variants, format_languages, format_table, parse_axis, \
         run_ablation
-    from moeflow.tasks.translate import apply_overrides, translate_preset
+    from moeflow.tasks.translate import translate_overrides, translate_preset
+    from moeflow.train.config import parse_set
 
     try:
-        overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps else [])
-        base = apply_overrides(translate_preset(args.preset), overrides)
+        overrides = parse_set(list(args.overrides))
+        if args.steps:
+            overrides["steps"] = args.steps
+        base = translate_overrides(translate_preset(args.preset), overrides)
         if args.axis == ["none"]:
             axes = {}
         else:
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"moeflow ablate: {e}", file=sys.stderr)
         return 2
     print(f"ablation: {len(variants)} variants x {base.steps} steps -> {args.out}")
-    rows = run_ablation(variants, args.out, verbose=args.verbose, seeds=seeds, jobs=args.jobs)
+    with cpu_threads(base.threads or None):  # the runs trained in this process share the base's thread count
+        rows = run_ablation(variants, args.out, verbose=args.verbose, seeds=seeds, jobs=args.jobs)
     print()
     print(format_table(rows))
     print()

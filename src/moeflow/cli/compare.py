@@ -19,9 +19,11 @@ from typing import Any
 
 from moeflow.cli.train import USER_ERRORS, add_config_args, resolve_config
 from moeflow.config import ConfigError
+from moeflow.ops.threads import cpu_threads
 from moeflow.train.config import RunConfig, dense_counterpart
 from moeflow.train.data import load_corpus
-from moeflow.train.trainer import Trainer, TrainingDiverged
+from moeflow.train.lm import lm_trainer
+from moeflow.train.trainer import TrainingDiverged
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,24 +79,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"comparing {', '.join(label for label, _ in runs)} for {base.train.steps} steps each on "
           f"{corpus.source}; folders under {root}")
     rows = []
-    for label, cfg in runs:
-        print(f"\n== {label}: {cfg.model.num_params():,} parameters, {cfg.model.num_active_params():,} active")
-        try:
-            trainer = Trainer(cfg, root / label, corpus=corpus, progress=not args.quiet)
-            trainer.write_config(preset)
-            res = trainer.run()
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except TrainingDiverged as e:
-            print(f"error ({label}): {e}", file=sys.stderr)
-            return 1
-        moe = cfg.model.moe
-        rows.append({"label": label, "experts": f"{moe.num_experts} ({moe.top_k})" if moe else "-",
-                     "params": cfg.model.num_params(), "active_params": cfg.model.num_active_params(),
-                     "val_loss": res.val_loss, "val_bpb": res.val_bpb, "tokens_per_s": res.tokens_per_s,
-                     "tokens_per_cpu_s": res.tokens_per_cpu_s,
-                     "elapsed_s": res.elapsed_s, "train_loss": res.train_loss})
+    with cpu_threads(base.train.threads or None):  # every variant shares the base's thread count
+        for label, cfg in runs:
+            print(f"\n== {label}: {cfg.model.num_params():,} parameters, {cfg.model.num_active_params():,} active")
+            try:
+                trainer = lm_trainer(cfg, root / label, corpus=corpus, progress=not args.quiet)
+                trainer.write_config(preset)
+                res = trainer.run()
+            except USER_ERRORS as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            except TrainingDiverged as e:
+                print(f"error ({label}): {e}", file=sys.stderr)
+                return 1
+            moe = cfg.model.moe
+            rows.append({"label": label, "experts": f"{moe.num_experts} ({moe.top_k})" if moe else "-",
+                         "params": cfg.model.num_params(), "active_params": cfg.model.num_active_params(),
+                         "val_loss": res.val_loss, "val_bpb": res.val_bpb, "tokens_per_s": res.tokens_per_s,
+                         "tokens_per_cpu_s": res.tokens_per_cpu_s,
+                         "elapsed_s": res.elapsed_s, "train_loss": res.train_loss})
     table = format_table(rows)
     dense = rows[0]
     verdicts = [f"{r['label']} vs dense: validation loss {r['val_loss'] - dense['val_loss']:+.4f} nats/byte "

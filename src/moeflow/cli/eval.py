@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from moeflow.config import ConfigError
 from moeflow.train.checkpoint import CheckpointError
 from moeflow.train.data import DataError, eval_batches, load_corpus
-from moeflow.train.trainer import model_from_run, resolve_device
+from moeflow.train.lm import model_from_run
+from moeflow.train.trainer import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:

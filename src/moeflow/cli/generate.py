@@ -11,7 +11,8 @@ import torch
 from moeflow.models import generate
 from moeflow.train.checkpoint import CheckpointError
 from moeflow.train.data import decode, encode
-from moeflow.train.trainer import model_from_run, resolve_device
+from moeflow.train.lm import model_from_run
+from moeflow.train.trainer import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import TextIO
 
 from moeflow.config import ConfigError
+from moeflow.ops.threads import cpu_threads
 from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
 from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
                                   load_config_file, parse_set)
 from moeflow.train.data import DataError
 from moeflow.tasks.translate import TRANSLATE_PRESETS
-from moeflow.train.trainer import Trainer, TrainingDiverged, TrainResult
+from moeflow.train.lm import lm_trainer
+from moeflow.train.trainer import TrainingDiverged, TrainResult
 
 DEFAULT_PRESET = "tiny"
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -115,15 +117,6 @@ def print_summary(result: TrainResult, report: Path, stream: TextIO | None = Non
     print(f"  try:        moeflow generate --run {result.run_dir} --prompt 'def '", file=stream)
 
 
-def write_summary(result: TrainResult, preset: str | None, data_source: str) -> None:
-    """summary.json: the run's final numbers (read by the report and by compare)."""
-    d = {"preset": preset, "step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-         "val_bpb": result.val_bpb, "tokens_per_s": result.tokens_per_s,
-         "tokens_per_cpu_s": result.tokens_per_cpu_s, "elapsed_s": result.elapsed_s,
-         "data_source": data_source}
-    (result.run_dir / "summary.json").write_text(json.dumps(d, indent=2) + "\n")
-
-
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train (or resume), write the report, print the summary."""
     from moeflow.analysis.report import write_report
@@ -140,9 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     t_total = time.perf_counter()
     hooks, dims = _parallel_hooks(args)
-    main = dims is None or dims.rank == 0
     try:
-        return _run_training(args, hooks, main, t_total)
+        return _run_training(args, hooks, t_total)
     finally:
         if dims is not None:
             from moeflow.parallel import shutdown
@@ -150,22 +142,21 @@ def run(args: argparse.Namespace) -> int:
             shutdown(dims)
 
 
-def _parallel_hooks(args: argparse.Namespace) -> tuple[object | None, object | None]:
-    """DistributedHooks when launched by torchrun (WORLD_SIZE > 1) or with --ep; (None, None) otherwise."""
+def _parallel_hooks(args: argparse.Namespace, mode: str = "auto") -> tuple[object | None, object | None]:
+    """DistributedHooks when launched by torchrun (WORLD_SIZE > 1) or with --ep; (None, None) otherwise.
+
+    `mode` is the expert-parallel dispatcher mode (see moeflow.parallel.parallelize)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.ep is None and world == 1:
         return None, None
     from moeflow.parallel import DistributedHooks, init_distributed
 
     dims = init_distributed(ep=args.ep or 1)
-    return DistributedHooks(dims), dims
+    return DistributedHooks(dims, mode), dims
 
 
-def _run_training(args: argparse.Namespace, hooks: object | None, main: bool, t_total: float) -> int:
+def _run_training(args: argparse.Namespace, hooks: object | None, t_total: float) -> int:
     """The single- or multi-process training run; only rank 0 prints and writes the report."""
-    from moeflow.analysis.report import write_report
-
-    say = print if main else (lambda *a, **k: None)
     try:
         if args.resume:
             cfg, preset, run_dir = _resume_config(args)
@@ -181,12 +172,29 @@ def _run_training(args: argparse.Namespace, hooks: object | None, main: bool, t_
         if not args.resume and (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "
                               "another --name")
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with cpu_threads(cfg.train.threads or None):  # the one place the LM run's thread count is set
+        return _train_and_report(args, cfg, preset, run_dir, hooks, t_total)
+
+
+def _train_and_report(args: argparse.Namespace, cfg: RunConfig, preset: str | None, run_dir: Path,
+                      hooks: object | None, t_total: float) -> int:
+    """Build the trainer, run it, then (rank 0) write summary.json and report.md and print the summary."""
+    from moeflow.analysis.report import write_report
+
+    main = hooks is None or hooks.rank == 0  # type: ignore[attr-defined]
+    say = print if main else (lambda *a, **k: None)
+    try:
         say(f"run folder {run_dir}  (preset {preset}, {cfg.model.num_params():,} parameters, "
-              f"{cfg.model.num_active_params():,} active per token)")
+            f"{cfg.model.num_active_params():,} active per token)")
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, hooks=hooks)
-        say(f"data: {trainer.corpus.source}: {len(trainer.corpus.train):,} training / {len(trainer.corpus.val):,} "
-              f"validation bytes ({time.perf_counter() - t0:.1f} s to set up data, model and optimizer)")
+        trainer = lm_trainer(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                             hooks=hooks)  # type: ignore[arg-type]
+        corpus = trainer.task.corpus  # type: ignore[attr-defined]
+        say(f"data: {corpus.source}: {len(corpus.train):,} training / {len(corpus.val):,} "
+            f"validation bytes ({time.perf_counter() - t0:.1f} s to set up data, model and optimizer)")
         if args.resume:
             say(f"resuming at step {trainer.step} of {cfg.train.steps}")
         else:
@@ -208,8 +216,7 @@ def _run_training(args: argparse.Namespace, hooks: object | None, main: bool, t_
         raise
     if not main:
         return 0
-    write_summary(result, preset, trainer.corpus.source)
-    report = write_report(run_dir)
-    print_summary(result, report)
+    summary = trainer.task.report(trainer.model, result, run_dir)
+    print_summary(result, Path(summary["report"]))
     print(f"  total time including data and report: {time.perf_counter() - t_total:.0f} s")
     return 0

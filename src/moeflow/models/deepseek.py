@@ -25,6 +25,7 @@ from moeflow.config import Config, MoEConfig, check_int, check_number, need
 from moeflow.layers import RMSNorm, moe_layers
 from moeflow.models.attention import rope_cos_sin, rotate_half
 from moeflow.routing.deepseek import update_router_biases
+from moeflow.routing.log import RoutingLog
 from moeflow.models.moe_mixin import MoEOutputs
 from moeflow.models.llama import Block
 
@@ -292,7 +293,7 @@ class DeepSeekV3(MoEOutputs, nn.Module):
                         dtype or p.dtype, p.device)
 
 
-    def update_router_biases(self) -> int:
-        """Aux-loss-free balancing step (call after optimizer.step()): each router nudges its bias from its
-        last forward's load; returns how many routers were updated."""
-        return update_router_biases(self)
+    def update_router_biases(self, log: RoutingLog) -> int:
+        """Aux-loss-free balancing step (call after optimizer.step()): each router nudges its bias from the load
+        recorded in `log` (`with record_routing() as log: model(ids)`); returns how many routers were updated."""
+        return update_router_biases(log)

@@ -26,6 +26,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moeflow.layers import FFN, MoELayer, RMSNorm
 from moeflow.models.attention import Attention, KVCache, rope_cos_sin
@@ -56,7 +57,13 @@ class Block(nn.Module):
 
 
 class MoETransformer(MoEOutputs, nn.Module):
-    """Token ids [B, S] -> next-token logits [B, S, V]."""
+    """Token ids [B, S] -> next-token logits [B, S, V].
+
+    `activation_checkpointing = True` (off by default) recomputes each block in backward instead of keeping its
+    activations (torch.utils.checkpoint, non-reentrant, RNG state preserved: the recompute routes exactly as the
+    forward did). Read routing statistics and aux losses with `record_routing()` around the forward, not from
+    `last_routing` / `aux_loss()`, which the recompute overwrites.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         """Build embeddings, cfg.n_layers blocks, final norm and output head, then initialise."""
@@ -69,6 +76,7 @@ class MoETransformer(MoEOutputs, nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -124,8 +132,9 @@ class MoETransformer(MoEOutputs, nn.Module):
         positions = torch.arange(start, start + s, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)  # [S, Dh]
         h = self.tok_embeddings(input_ids)  # [B, S, D]
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin, cache)
+            h = checkpoint(layer, h, cos, sin, None, use_reentrant=False) if recompute else layer(h, cos, sin, cache)
         if cache is not None:
             cache.length += s
         return self.output(self.norm(h))  # [B, S, V]

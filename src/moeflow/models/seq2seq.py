@@ -160,16 +160,14 @@ class MoEFFN(nn.Module):
     Padding never enters the router, so it takes no expert capacity and cannot change real tokens' outputs. With
     local groups the N routed tokens are topped up with < G zero rows to a multiple of G; they come after every real
     first choice (slot-major order) but can still take second-choice slots in the last group, and their number
-    depends only on N, so padding still cannot matter. After a forward, `last_batch_ids_N` gives the batch row of
-    each routed token (for per-language statistics) and `moe.last_routing` the Routing record (rows >= N are the
-    top-up rows).
+    depends only on N, so padding still cannot matter. The routed tokens are the non-padding positions in row-major
+    order (rows >= N of the Routing record are the top-up rows).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
         """Wrap one MoELayer built from `cfg` (Seq2SeqConfig.layer_moe(): the inference capacity is in it)."""
         super().__init__()
         self.moe = MoELayer(cfg)
-        self.last_batch_ids_N: Tensor | None = None
 
     def forward(self, x_BSD: Tensor, token_mask_BS: Tensor | None) -> Tensor:
         """[B, S, D] -> [B, S, D]; zero at padding positions."""
@@ -178,11 +176,9 @@ class MoEFFN(nn.Module):
         if token_mask_BS is None:
             idx_N = None
             x_ND = x_flat
-            self.last_batch_ids_N = torch.arange(b, device=x_BSD.device).repeat_interleave(s)
         else:
             idx_N = token_mask_BS.reshape(-1).nonzero().squeeze(1)
             x_ND = x_flat.index_select(0, idx_N)
-            self.last_batch_ids_N = idx_N // s
         n = x_ND.shape[0]
         extra = (-n) % self.moe.cfg.groups(self.training)
         if extra:
@@ -319,10 +315,7 @@ class Seq2SeqTransformer(MoEOutputs, nn.Module):
         return ce, self.aux_loss()
 
     def moe_ffns(self) -> list[tuple[str, MoEFFN]]:
-        """(name, wrapper) of every MoE FFN, encoder first: names like 'enc.1', 'dec.1' (their MoELayer is `.moe`).
-
-        The wrappers, not just `moe_layers(model)`, for what only they know: each routed token's batch row.
-        """
+        """(name, wrapper) of every MoE FFN, encoder first: names like 'enc.1', 'dec.1' (their MoELayer is `.moe`)."""
         out = []
         for prefix, stack in (("enc", self.encoder), ("dec", self.decoder)):
             for i, block in enumerate(stack):

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moeflow.layers import moe_layers
-from moeflow.routing.deepseek import DeepSeekRouter
+from moeflow.routing.deepseek import deepseek_loads
+from moeflow.routing.log import RoutingLog
 from moeflow.parallel.ep_dispatch import AllToAllDispatcher
 from moeflow.parallel.groups import ParallelConfigError, ParallelDims
 from moeflow.parallel.watchdog import collective_guard
@@ -143,23 +144,22 @@ def clip_grad_norm_(model: nn.Module, dims: ParallelDims, max_norm: float,
     return total.float()
 
 
-def update_router_biases(model: nn.Module, dims: ParallelDims, rate: float | None = None) -> int:
+def update_router_biases(log: RoutingLog, dims: ParallelDims, rate: float | None = None) -> int:
     """After optimizer.step(): nudge every DeepSeek router's balancing bias from the GLOBAL load of its layer.
 
-    Each rank only sees its own tokens; updating from local counts would let the replicated biases drift apart
-    (and routing differ between ranks). The per-layer counts are summed over the world in one all-reduce, so
-    every rank applies the same update, equal to the single-process one on the global batch. Returns how many
-    routers were updated.
+    The load is read from the step's routing log (`record_routing()` around the forward). Each rank only sees its
+    own tokens; updating from local counts would let the replicated biases drift apart (and routing differ between
+    ranks). The per-layer counts are summed over the world in one all-reduce, so every rank applies the same update,
+    equal to the single-process one on the global batch. Returns how many routers were updated.
     """
-    routers = [(layer.router, layer.last_routing) for _, layer in moe_layers(model)
-               if isinstance(layer.router, DeepSeekRouter) and layer.last_routing is not None]
-    if not routers:
+    loads = deepseek_loads(log)
+    if not loads:
         return 0
-    counts = torch.stack([routing.tokens_per_expert for _, routing in routers])
+    counts = torch.stack([routing.tokens_per_expert for _, routing in loads])
     if dims.distributed:
         counts = counts.to(dims.comm_device)
         with collective_guard("all_reduce(expert load for bias update)", dims):
             dist.all_reduce(counts, group=dims.world_group)
-    for (router, _), load in zip(routers, counts):
-        router.update_bias(load.to(router.e_score_correction_bias.device), rate)
-    return len(routers)
+    for (layer, _), load in zip(loads, counts):
+        layer.router.update_bias(load.to(layer.router.e_score_correction_bias.device), rate)
+    return len(loads)

@@ -21,6 +21,7 @@ from moeflow.parallel.checkpoint import (gather_full_optimizer_state, gather_ful
                                          load_full_optimizer_state, load_full_state_dict)
 from moeflow.parallel.groups import ParallelDims
 from moeflow.parallel.watchdog import collective_guard
+from moeflow.routing.log import RoutingLog
 
 
 class DistributedHooks:
@@ -89,6 +90,7 @@ class DistributedHooks:
         """Load what `full_optimizer_state` saved, under any EP size."""
         load_full_optimizer_state(model, optimizer, state, self.dims)
 
-    def update_router_biases(self, model: nn.Module, rate: float | None = None) -> int:
-        """After optimizer.step(): DeepSeek-style bias update from the global expert load (same on every rank)."""
-        return update_router_biases(model, self.dims, rate)
+    def update_router_biases(self, log: RoutingLog, rate: float | None = None) -> int:
+        """After optimizer.step(): DeepSeek-style bias update from the global expert load of the step's routing log
+        (same on every rank)."""
+        return update_router_biases(log, self.dims, rate)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from moeflow.config import MoEConfig
-from moeflow.routing.base import Router, Selection
+from moeflow.routing.base import Router, Routing, Selection
+from moeflow.routing.log import MergedRouting, RoutingLog
 
 
 def group_limited_mask(scores_TE: Tensor, n_group: int, topk_group: int) -> Tensor:
@@ -106,16 +107,22 @@ class DeepSeekRouter(Router):
         return update_balance_bias(self.e_score_correction_bias, tokens_per_expert, gamma)
 
 
-def update_router_biases(model: nn.Module, rate: float | None = None) -> int:
-    """After optimizer.step(): every DeepSeek router in `model` nudges its bias from its layer's last routing.
+def update_router_biases(log: RoutingLog, rate: float | None = None) -> int:
+    """After optimizer.step(): every DeepSeek router that routed inside `log`'s scope nudges its bias from the
+    step's load (its layer's counts summed over every forward in the scope, e.g. over micro-batches).
 
-    Returns how many routers were updated. With gradient accumulation, call each router's `update_bias` with the
-    counts summed over the micro-batches instead.
+    The counts come from the log, not from a module attribute, so an activation-checkpoint recompute cannot
+    change them. Returns how many routers were updated.
     """
     n = 0
-    for m in model.modules():
-        router, routing = getattr(m, "router", None), getattr(m, "last_routing", None)
-        if isinstance(router, DeepSeekRouter) and routing is not None:
-            router.update_bias(routing.tokens_per_expert, rate)
-            n += 1
+    for layer, routing in deepseek_loads(log):
+        layer.router.update_bias(routing.tokens_per_expert, rate)
+        n += 1
     return n
+
+
+def deepseek_loads(log: RoutingLog) -> list[tuple[nn.Module, Routing | MergedRouting]]:
+    """(layer, merged routing) of every layer in `log` whose router is a DeepSeekRouter, in first-call order."""
+    layers = [m for m in dict.fromkeys(layer for layer, _ in log.entries)
+              if isinstance(getattr(m, "router", None), DeepSeekRouter)]
+    return list(zip(layers, log.per_layer(layers)))  # type: ignore[arg-type]

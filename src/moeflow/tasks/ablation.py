@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moeflow.config import ConfigError
 from moeflow.models.seq2seq import dense_counterpart
 from moeflow.tasks.translate import TranslateConfig, load_data
@@ -98,7 +100,7 @@ def _train_one(job: tuple[int, str, dict[str, Any], int, str, bool, bool]) -> di
     i, name, cfg_dict, seed, run, verbose, figures = job
     cfg = TranslateConfig.from_dict({**cfg_dict, "seed": seed})
     data = load_data(tuple(cfg.languages), cfg.max_chars, cfg.heldout_percent)  # memoised per process
-    s = train_translate(cfg, run, data=data, log=print if verbose else (lambda _: None), figures=figures)
+    s = train_translate(cfg, run, data=data, progress=verbose, figures=figures)
     mis = [r["mi_bits"] for r in s["routing"].values()]
     return {"variant": name, "seed": seed, "exact": s["mean_exact"], "cer": s["mean_cer"],
             "heldout_ce": s["heldout_ce"], "tokens_per_s": s["tokens_per_s"], "tokens_per_cpu_s": s["tokens_per_cpu_s"],
@@ -161,7 +163,9 @@ def run_ablation(variants: list[tuple[str, TranslateConfig]], out_dir: str | Pat
             done(job, _train_one(job))
     else:
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's threads and torch state
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        # a worker is a process of its own: it takes the thread count of the runs (1 unless the config sets it)
+        threads = first.threads or 1
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             futures = {pool.submit(_train_one, job): job for job in todo}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())

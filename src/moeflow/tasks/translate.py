@@ -3,22 +3,21 @@
 English segments of `pydoc_data.topics` (see `languages.py`) are translated into synthetic languages; the source
 is `<2xx> english <eos>` (the target-language tag first, as in multilingual NMT), the target `xx-text <eos>`.
 Characters are the tokens. Quality is exact match and character error rate (edit distance / reference length)
-per language on held-out sentences, decoded greedily with the KV cache. Training lives in `translate_train.py`.
+per language on held-out sentences, decoded greedily with the KV cache. Training (the `TranslateTask` run by the
+one `Trainer`) lives in `translate_train.py`.
 
 Shape legend: B = batch, S = source length, T = target length, P = (sentence, language) pairs.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moeflow.config import Config, ConfigError, MoEConfig, check_int, check_number, need
@@ -26,6 +25,7 @@ from moeflow.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, dense_coun
 from moeflow.models.seq2seq_decode import beam_search, greedy_decode
 from moeflow.tasks.languages import CHARSET, LANGUAGES, check_text, get_languages, pydoc_text, segment_sentences, \
     split_corpus
+from moeflow.train.config import apply_overrides
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
@@ -84,13 +84,20 @@ class TranslateConfig(Config):
     min_lr_ratio: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.01
+    beta1: float = 0.9  # AdamW betas (0.98: the Transformer-NMT value this task was tuned with)
+    beta2: float = 0.98
     grad_clip: float = 1.0
+    aux_loss: bool = True  # add the routers' scaled auxiliary losses to the loss
     eval_every: int = 500  # 0: only at the end
+    ckpt_every: int = 200  # checkpoint every N steps (and at the end); 0 = only at the end
     eval_sentences: int = 100  # held-out sentences decoded per language
     routing_batches: int = 8  # held-out batches of 128 sentences for the language x expert tables
     log_every: int = 50
     seed: int = 0
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    # torch CPU threads, set once by the CLI (0: torch's default). One: on a shared 2-core machine two threads
+    # spin in OpenMP barriers (gshard preset, 15 steps: 0.27-0.29 s/step at 1 thread, 3.6-3.9 s at 2); only with
+    # OMP_WAIT_POLICY=PASSIVE did 2 threads win (0.35-0.40 s vs 0.46-0.55 s), so one is the robust default
+    threads: int = 1
     cpu_limit_s: float = 0.0  # stop once the training steps used this much process CPU time (0: run all steps)
 
     def __post_init__(self) -> None:
@@ -149,61 +156,17 @@ def translate_preset(name: str) -> TranslateConfig:
     return TRANSLATE_PRESETS[name]()
 
 
-def apply_overrides(cfg: TranslateConfig, items: list[str]) -> TranslateConfig:
-    """Apply `key=value` overrides (`steps=300`, `model.moe.capacity_factor=2.0`, `model.moe=None`).
+def translate_overrides(cfg: TranslateConfig, overrides: dict[str, Any]) -> TranslateConfig:
+    """`cfg` with dotted-key overrides (`steps=300`, `model.moe.capacity_factor=2.0`, `model.moe=None`) through
+    the one `--set` parser (train/config.py `apply_overrides`).
 
-    Values are Python literals (bare words are taken as strings), type-checked against the field's annotation.
     Changing `languages` also sets model.vocab_size (one tag per language) unless that is overridden too.
     """
-    d = cfg.to_dict()
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        node, klass = d, TranslateConfig
-        parts = key.split(".")
-        for p in parts[:-1]:
-            hints = typing.get_type_hints(klass)
-            sub = next((a for a in (hints.get(p), *typing.get_args(hints.get(p))) if dataclasses.is_dataclass(a)), None)
-            if sub is None or not isinstance(node.get(p), dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a config section here (is it None?)")
-            node, klass = node[p], sub
-        hints = typing.get_type_hints(klass)
-        leaf = parts[-1]
-        if leaf not in hints:
-            raise ConfigError(f"override {key!r}: unknown field {leaf!r}; known: {', '.join(sorted(hints))}")
-        if not _accepts(hints[leaf], value):
-            raise ConfigError(f"override {key!r}: {value!r} is not a valid {hints[leaf]}")
-        if isinstance(value, int) and not isinstance(value, bool) and _accepts(hints[leaf], 0.5):
-            value = float(value)  # `lr=1` means 1.0
-        node[leaf] = list(value) if isinstance(value, tuple) else value
-    if d["languages"] != cfg.languages and not any(i.startswith("model.vocab_size=") for i in items):
-        d["model"]["vocab_size"] = len(CharVocab(d["languages"]))  # derived: one tag per language
-    try:
-        return TranslateConfig.from_dict(d)
-    except TypeError as e:
-        raise ConfigError(f"bad override: {e}") from None
-
-
-def _accepts(hint: Any, value: Any) -> bool:
-    """Whether `value` (a Python literal) fits the annotation `hint` (ints are accepted for floats)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_accepts(a, value) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(hint) is list:
-        return isinstance(value, (list, tuple)) and all(_accepts(typing.get_args(hint)[0], v) for v in value)
-    if dataclasses.is_dataclass(hint):
-        return isinstance(value, dict)
-    return isinstance(value, hint)
+    overrides = dict(overrides)
+    langs = overrides.get("languages")
+    if isinstance(langs, (list, tuple)) and "model.vocab_size" not in overrides:
+        overrides["model.vocab_size"] = len(CharVocab(list(langs)))  # derived: one tag per language
+    return apply_overrides(cfg, overrides)
 
 
 @dataclass
@@ -312,9 +275,10 @@ def heldout_loss(model: Seq2SeqTransformer, data: TranslateData, n_per_lang: int
     total = tokens = 0.0
     for chunk in rows.split(batch_size):
         src, tin, tout, _ = data.heldout.batch(chunk)
-        ce, _ = model.loss(src, tin, tout)
-        n = float((tout != 0).sum())
-        total, tokens = total + float(ce) * n, tokens + n
+        logits = model(src, tin)
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tout.reshape(-1),
+                                 ignore_index=model.cfg.pad_id, reduction="sum")
+        total, tokens = total + float(ce_sum), tokens + float((tout != model.cfg.pad_id).sum())
     model.train(was_training)
     return total / max(tokens, 1.0)
 

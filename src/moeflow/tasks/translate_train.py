@@ -1,47 +1,132 @@
-"""Training loop, run folder and report for the translation task.
+"""The translation task on the one training loop: `TranslateTask` (batches, loss, evaluation, report) for
+`moeflow.train.Trainer`, and the run report.
 
-A run folder holds `config.json` (the TranslateConfig), `metrics.jsonl` (one JSON object per log or eval line),
-`checkpoint.pt` (model weights + config + step), `summary.json`, `report.md` and the routing figures
-`routing_heatmap.png` / `routing_drops.png`. The loop is linear: sample, loss (+ MoE aux), step, log, eval.
+A run folder holds `config.json` (the TranslateConfig, plus the preset), `metrics.jsonl` (one JSON object per step
+or evaluation, as for language-model runs), `checkpoint.pt` (weights, optimizer, RNG and data-stream state:
+`--resume` continues bit for bit), `summary.json`, `report.md` and the routing figures `routing_heatmap.png` /
+`routing_drops.png`. Greedy-decoding quality (exact match, CER) and the language x expert tables are measured once,
+at the end, on the logical (unsharded) model; the periodic evaluation is the teacher-forced held-out loss, which
+every expert-parallel rank computes with the same forwards.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
-import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from moeflow.analysis.routing_lang import LanguageRouting, routing_markdown
-from moeflow.layers import moe_layers
+from moeflow.analysis.stats import read_records
 from moeflow.models.seq2seq import Seq2SeqTransformer
-from moeflow.ops.threads import cpu_threads
+from moeflow.routing.log import record_routing
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
+from moeflow.train.checkpoint import CHECKPOINT_NAME
+from moeflow.train.trainer import ParallelHooks, Trainer, TrainResult
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def lr_at(cfg: TranslateConfig, step: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step (steps from 1)."""
-    if cfg.warmup and step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+CHECKPOINT = CHECKPOINT_NAME
 
 
-def _optimizer(model: nn.Module, cfg: TranslateConfig) -> torch.optim.Optimizer:
-    # NOTE: no decay on norms or on router weights (decay would pull routers back to uniform routing)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or ".router." in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+@dataclass
+class TranslateBatch:
+    """This rank's rows of one global batch, with the global counts the loss and tokens/s need."""
+
+    src: Tensor  # [B/world, S]
+    tgt_in: Tensor  # [B/world, T]
+    tgt_out: Tensor  # [B/world, T]
+    target_tokens: int  # non-padding targets of the GLOBAL batch
+    tokens: int  # non-padding source + target tokens of the global batch
+    world: int
+
+
+class TranslateTask:
+    """Random mixed-language training pairs, token-mean cross-entropy, held-out loss; report with routing tables."""
+
+    resumable = frozenset({"steps", "log_every", "cpu_limit_s"})  # the schedule may grow; logging may change
+    device = "cpu"  # the embedded corpus and the decoders run on the CPU
+
+    def __init__(self, cfg: TranslateConfig, data: TranslateData | None = None, figures: bool = True) -> None:
+        """The (memoised) tokenised corpus and a batch generator seeded by the run seed."""
+        self.cfg = self.train = cfg
+        self.data = data or load_data(tuple(cfg.languages), cfg.max_chars, cfg.heldout_percent)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.figures = figures
+
+    def build_model(self) -> Seq2SeqTransformer:
+        """The encoder-decoder, initialised from the run seed (every rank builds the same one)."""
+        torch.manual_seed(self.cfg.seed)
+        return Seq2SeqTransformer(self.cfg.model)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The TranslateConfig as a dict."""
+        return self.cfg.to_dict()
+
+    def next_batch(self, rank: int, world: int) -> TranslateBatch:
+        """Every rank draws the same global batch and keeps its contiguous share of the rows."""
+        pairs = self.data.train
+        idx = torch.randint(len(pairs), (self.cfg.batch_size,), generator=self.generator)
+        target_tokens = int((pairs.tgt_out[idx] != 0).sum())
+        tokens = target_tokens + int((pairs.src[idx] != 0).sum())
+        if world > 1:
+            per = len(idx) // world
+            idx = idx[rank * per:(rank + 1) * per]
+        src, tin, tout, _ = pairs.batch(idx)
+        return TranslateBatch(src, tin, tout, target_tokens, tokens, world)
+
+    def tokens(self, batch: TranslateBatch) -> int:
+        """Non-padding source and target tokens of the global batch."""
+        return batch.tokens
+
+    def loss(self, model: nn.Module, batch: TranslateBatch) -> tuple[Tensor, dict[str, float]]:
+        """Cross-entropy summed over this rank's targets / (global targets / world): the mean over ranks is then
+        the token mean of the global batch, whatever each rank's share of padding."""
+        logits = model(batch.src, batch.tgt_in)
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.tgt_out.reshape(-1),
+                                 ignore_index=self.cfg.model.pad_id, reduction="sum")
+        return ce_sum * (batch.world / batch.target_tokens), {}
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Teacher-forced held-out cross-entropy (inference routing) over eval_sentences per language."""
+        return {"val_loss": heldout_loss(model, self.data, self.cfg.eval_sentences)}  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The batch generator."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the batch generator."""
+        self.generator.set_state(state["generator"])
+
+    def report(self, model: nn.Module, result: TrainResult, run_dir: Path) -> dict[str, Any]:
+        """Greedy-decoding quality per language, language x expert tables (and their shuffled baseline), the
+        training figures from metrics.jsonl: summary.json and report.md."""
+        assert isinstance(model, Seq2SeqTransformer)
+        cfg, data = self.cfg, self.data
+        ev = evaluate(model, data, cfg.eval_sentences)
+        routing = collect_language_routing(model, data, cfg.routing_batches, seed=cfg.seed)
+        shuffled = collect_language_routing(model, data, cfg.routing_batches, seed=cfg.seed, shuffle_languages=True)
+        train = [r for r in read_records(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+        drops = [statistics.fmean(lay["dropped_fraction"] for lay in r["layers"]) for r in train if r["layers"]]
+        summary: dict[str, Any] = {
+            "steps": result.step, "planned_steps": cfg.steps, "train_s": result.elapsed_s,
+            "train_cpu_s": result.cpu_s, "tokens_per_s": result.tokens_per_s,
+            "tokens_per_cpu_s": result.tokens_per_cpu_s, "final_ce": train[-1]["ce"] if train else None,
+            "heldout_ce": result.val_loss, "eval": ev,
+            "mean_exact": statistics.fmean(v["exact"] for v in ev.values()),
+            "mean_cer": statistics.fmean(v["cer"] for v in ev.values()),
+            "train_dropped_fraction": statistics.fmean(drops) if drops else 0.0,
+            "params": model.num_params(), "active_params": model.num_params(active=True),
+            "routing": {name: {**s.summary(), "mi_shuffled_bits": shuffled[name].mutual_information()}
+                        for name, s in routing.items()},
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(run_dir, cfg, summary, routing, shuffled, figures=self.figures)
+        return summary
 
 
 @torch.no_grad()
@@ -55,8 +140,8 @@ def collect_language_routing(model: Seq2SeqTransformer, data: TranslateData, bat
     `shuffle_languages` permutes the language labels across the sentences of each batch (same batches): the MI
     of those tables is what finite samples give without any dependence, a baseline for the real MI.
     """
-    layers = model.moe_ffns()
-    stats = {name: LanguageRouting(data.codes, layer.moe.cfg.num_experts) for name, layer in layers}
+    blocks = model.moe_ffns()
+    stats = {name: LanguageRouting(data.codes, ffn.moe.cfg.num_experts) for name, ffn in blocks}
     was_training = model.training
     model.train(training_routing)
     for m in model.modules():
@@ -69,21 +154,15 @@ def collect_language_routing(model: Seq2SeqTransformer, data: TranslateData, bat
         src, tin, _, lang_B = data.heldout.batch(idx)
         if shuffle_languages:
             lang_B = lang_B[torch.randperm(len(lang_B), generator=perm_gen)]
-        model(src, tin)
-        for name, layer in layers:
-            assert layer.moe.last_routing is not None and layer.last_batch_ids_N is not None
-            stats[name].add(layer.moe.last_routing, lang_B[layer.last_batch_ids_N])
+        with record_routing() as log:
+            model(src, tin)
+        for name, ffn in blocks:
+            # an MoE FFN routes the non-padding positions in row-major order (see MoEFFN)
+            keep_BS = (src if name.startswith("enc.") else tin) != model.cfg.pad_id
+            batch_ids_N = keep_BS.reshape(-1).nonzero().squeeze(1) // keep_BS.shape[1]
+            stats[name].add(log.routings(ffn.moe)[0], lang_B[batch_ids_N])
     model.train(was_training)
     return stats
-
-
-def save_checkpoint(model: Seq2SeqTransformer, cfg: TranslateConfig, step: int, run_dir: Path) -> Path:
-    """Write weights, config and step atomically (temp file, then rename)."""
-    path = run_dir / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": step}, tmp)
-    tmp.replace(path)
-    return path
 
 
 def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, CharVocab]:
@@ -91,7 +170,9 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir}; train one with "
-                                f"`moeflow train --task translate --out {run_dir}`")
+                                f"`moeflow train --task translate --out {Path(run_dir).parent} --name "
+                                f"{Path(run_dir).name}`")
+    # a plain load, not load_checkpoint: run folders from before the one Trainer hold {model, config, step} only
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TranslateConfig.from_dict(ckpt["config"])
     model = Seq2SeqTransformer(cfg.model)
@@ -99,105 +180,26 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
     return model.eval(), cfg, CharVocab(cfg.languages)
 
 
+def translate_trainer(cfg: TranslateConfig, run_dir: str | Path, *, data: TranslateData | None = None,
+                      figures: bool = True, hooks: ParallelHooks | None = None, resume: bool = False,
+                      progress: bool = True, stream: TextIO | None = None) -> Trainer:
+    """The Trainer for a translation run: TranslateTask, the seeded Seq2SeqTransformer, and the one loop."""
+    task = TranslateTask(cfg, data, figures)
+    return Trainer(task.build_model(), task, run_dir, resume=resume, hooks=hooks, progress=progress, stream=stream)
+
+
 def train_translate(cfg: TranslateConfig, run_dir: str | Path, *, data: TranslateData | None = None,
-                    log: Callable[[str], None] = print, figures: bool = True) -> dict[str, Any]:
-    """Train, evaluate and write the run folder; returns the summary (also saved as summary.json).
+                    progress: bool = True, figures: bool = True, preset: str | None = None) -> dict[str, Any]:
+    """Train a fresh run in one process, then write its report; returns the summary (also in summary.json).
 
     `cfg.cpu_limit_s` > 0 stops once the training steps have used that much CPU time (process time: all threads,
-    unaffected by other processes on a shared machine); the schedule stays the one for cfg.steps.
+    unaffected by other processes on a shared machine); the schedule stays the one for cfg.steps. The thread
+    count is the caller's (the CLI sets it from cfg.threads).
     """
-    with cpu_threads(cfg.threads or None):  # the thread count is process-wide: leave it as we found it
-        return _train(cfg, Path(run_dir), data, log, figures)
-
-
-def _train(cfg: TranslateConfig, run_dir: Path, data: TranslateData | None, log: Callable[[str], None],
-           figures: bool) -> dict[str, Any]:
-    """The body of train_translate (which owns the thread count)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    data = data or load_data(tuple(cfg.languages), cfg.max_chars, cfg.heldout_percent)
-    model = Seq2SeqTransformer(cfg.model)
-    opt = _optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    log(f"translate: {len(data.train_sentences)} train / {len(data.heldout_sentences)} held-out sentences x "
-        f"{len(data.codes)} languages ({', '.join(data.codes)}); {model.num_params():,} params, "
-        f"{model.num_params(active=True):,} active; {cfg.model.num_moe_layers()} MoE layers")
-    train_s = cpu_s = tokens = 0.0
-    drops: list[float] = []
-    window_rates: list[float] = []
-    last_eval: dict[str, Any] = {}
-    step = 0
-    with open(run_dir / "metrics.jsonl", "w") as metrics:
-        def record(row: dict[str, Any]) -> None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-
-        win_tokens = win_time = 0.0
-        for step in range(1, cfg.steps + 1):
-            lr = lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            src, tin, tout, _ = data.sample(cfg.batch_size, gen)
-            t0, c0 = time.perf_counter(), time.process_time()
-            ce, aux = model.loss(src, tin, tout)
-            loss = ce + aux
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step} (ce {ce.detach().item()}, aux "
-                                         f"{aux.detach().item()}); "
-                                         f"lower lr (now {cfg.lr}) or raise warmup")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            dt = time.perf_counter() - t0
-            cpu_s += time.process_time() - c0
-            n_tok = float((src != 0).sum() + (tout != 0).sum())
-            train_s, tokens, win_time, win_tokens = train_s + dt, tokens + n_tok, win_time + dt, win_tokens + n_tok
-            layer_drops = [float(layer.last_routing.dropped_fraction) for _, layer in moe_layers(model)
-                           if layer.last_routing is not None]
-            drops.append(statistics.fmean(layer_drops) if layer_drops else 0.0)
-            out_of_time = cfg.cpu_limit_s > 0 and cpu_s >= cfg.cpu_limit_s
-            if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
-                rate = win_tokens / max(win_time, 1e-9)
-                window_rates.append(rate)
-                ce_v, aux_v = ce.detach().item(), aux.detach().item()
-                record({"kind": "train", "step": step, "loss": ce_v + aux_v, "ce": ce_v, "aux": aux_v, "lr": lr,
-                        "tokens_per_s": rate, "dropped": drops[-1], "train_s": train_s,
-                        "cpu_s": cpu_s})
-                log(f"step {step:>5}/{cfg.steps}  ce {ce_v:.4f}  aux {aux_v:.4f}  lr {lr:.2e}  "
-                    f"{rate:,.0f} tok/s  dropped {drops[-1]:.3f}  {train_s:.0f}s ({cpu_s:.0f} CPU s)")
-                win_tokens = win_time = 0.0
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or out_of_time:
-                last_eval = {"kind": "eval", "step": step,
-                             "heldout_ce": heldout_loss(model, data, cfg.eval_sentences),
-                             "eval": evaluate(model, data, cfg.eval_sentences)}
-                record(last_eval)
-                log(f"eval @ {step}: held-out ce {last_eval['heldout_ce']:.4f}  " + "  ".join(
-                    f"{c} exact {v['exact']:.2f} cer {v['cer']:.3f}" for c, v in last_eval["eval"].items()))
-                save_checkpoint(model, cfg, step, run_dir)
-            if out_of_time:
-                log(f"CPU limit {cfg.cpu_limit_s:.0f}s reached at step {step}")
-                break
-    routing = collect_language_routing(model, data, cfg.routing_batches, seed=cfg.seed)
-    shuffled = collect_language_routing(model, data, cfg.routing_batches, seed=cfg.seed, shuffle_languages=True)
-    ev = last_eval["eval"]
-    summary: dict[str, Any] = {
-        "steps": step, "planned_steps": cfg.steps, "train_s": train_s, "train_cpu_s": cpu_s,
-        "tokens_per_s": tokens / max(train_s, 1e-9), "tokens_per_cpu_s": tokens / max(cpu_s, 1e-9),
-        "tokens_per_s_median_window": statistics.median(window_rates) if window_rates else 0.0,
-        "final_ce": ce.detach().item(), "heldout_ce": last_eval["heldout_ce"], "eval": ev,
-        "mean_exact": statistics.fmean(v["exact"] for v in ev.values()),
-        "mean_cer": statistics.fmean(v["cer"] for v in ev.values()),
-        "train_dropped_fraction": statistics.fmean(drops) if drops else 0.0,
-        "params": model.num_params(), "active_params": model.num_params(active=True),
-        "routing": {name: {**s.summary(), "mi_shuffled_bits": shuffled[name].mutual_information()}
-                    for name, s in routing.items()},
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(run_dir, cfg, summary, routing, shuffled, figures=figures)
-    return summary
+    trainer = translate_trainer(cfg, run_dir, data=data, figures=figures, progress=progress)
+    trainer.write_config(preset)
+    result = trainer.run(cpu_limit_s=cfg.cpu_limit_s)
+    return trainer.task.report(trainer.model, result, trainer.run_dir)
 
 
 def dominant_experts(stats: LanguageRouting, top: int = 2) -> str:

@@ -15,13 +15,14 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from moeflow.config import Config, ConfigError, MoEConfig, check_int, check_number, closest, dataclass_in, need
 from moeflow.models import MODEL_PRESETS, ModelConfig
 from moeflow.train.data import DataConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+C = TypeVar("C")
 
 
 @dataclass(kw_only=True)
@@ -122,35 +123,36 @@ def dense_counterpart(model: ModelConfig) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------- overrides
-_SCHEMA_ROOT: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+# One parser for every run config: RunConfig (`train.lr`, `model.moe.top_k`) and the translation task's
+# TranslateConfig (`steps`, `model.moe.capacity_factor`) alike. A config class only needs type-annotated dataclass
+# fields, `to_dict()` and `from_dict()`; the annotations drive the key check and the type check.
 
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def config_keys() -> list[str]:
-    """Every dotted key `--set` accepts (nested dataclasses expanded, e.g. model.moe.top_k)."""
+def config_keys(cls: type = RunConfig) -> list[str]:
+    """Every dotted key `--set` accepts for a config class (nested dataclasses expanded, e.g. model.moe.top_k)."""
     out: list[str] = []
 
-    def walk(cls: type, prefix: str) -> None:
-        for name, hint in _hints(cls).items():
+    def walk(klass: type, prefix: str) -> None:
+        for name, hint in _hints(klass).items():
             key = f"{prefix}{name}"
             out.append(key)
             sub = dataclass_in(hint)
             if sub is not None:
                 walk(sub, key + ".")
 
-    for name, cls in _SCHEMA_ROOT.items():
-        out.append(name)
-        walk(cls, name + ".")
+    walk(cls, "")
     return out
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = closest(key, config_keys())
+def _unknown_key(key: str, cls: type) -> ConfigError:
+    close = closest(key, config_keys(cls))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint} (`moeflow train --list-keys` prints them all)")
+    lister = "moeflow train --list-keys" if cls is RunConfig else "--list-keys"
+    return ConfigError(f"unknown config key {key!r}{hint} (`{lister}` prints them all)")
 
 
 def _type_name(hint: Any) -> str:
@@ -222,39 +224,48 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """A new RunConfig with dotted-key overrides applied, type-checked, and the whole config re-validated.
+def apply_overrides(cfg: C, overrides: dict[str, Any]) -> C:
+    """A new config of the same class with dotted-key overrides applied, type-checked, and the whole config
+    re-validated (by the class's `from_dict`).
 
     Changing `model.d_model` also moves `model.moe.d_model` unless that key is overridden too, since the two
-    must agree.
+    must agree; changing `model.d_model` or `model.n_heads` re-derives `model.head_dim` where the model has one.
     """
-    tree = cfg.to_dict()
+    cls = type(cfg)
+    tree = cfg.to_dict()  # type: ignore[attr-defined]
     for key, value in overrides.items():
-        parts = key.split(".")
-        if parts[0] not in _SCHEMA_ROOT or len(parts) < 2:
-            raise _unknown_key(key)
-        cls: type = _SCHEMA_ROOT[parts[0]]
-        node = tree[parts[0]]
-        for i, part in enumerate(parts[1:], start=1):
-            hints = _hints(cls)
-            if part not in hints:
-                raise _unknown_key(key)
-            if i == len(parts) - 1:
-                node[part] = _check_type(key, value, hints[part])
-                break
-            sub = dataclass_in(hints[part])
-            if sub is None:
-                raise _unknown_key(key)
-            if node.get(part) is None:
-                node[part] = {}  # e.g. model.moe on a dense preset: built from the keys given (validated below)
-            node, cls = node[part], sub
-    moe = tree["model"].get("moe")
-    if isinstance(moe, dict) and "model.moe.d_model" not in overrides:
-        moe["d_model"] = tree["model"]["d_model"]
-    if "model.head_dim" not in overrides and ("model.d_model" in overrides or "model.n_heads" in overrides):
-        tree["model"]["head_dim"] = None
-    # a partial dict (e.g. model.moe on a dense preset) is refused by from_dict, naming the missing field
-    return RunConfig.from_dict(tree)
+        _set_key(tree, cls, key, value)
+    model = tree.get("model")
+    if isinstance(model, dict):
+        if isinstance(model.get("moe"), dict) and "model.moe.d_model" not in overrides and "d_model" in model:
+            model["moe"]["d_model"] = model["d_model"]
+        if "head_dim" in model and "model.head_dim" not in overrides and (
+                "model.d_model" in overrides or "model.n_heads" in overrides):
+            model["head_dim"] = None
+    try:
+        return cls.from_dict(tree)  # type: ignore[attr-defined, no-any-return]
+    except TypeError as e:
+        # a dataclass built from a partial dict (e.g. model.moe on a dense preset) names its missing field
+        raise ConfigError(f"incomplete config: {e}") from None
+
+
+def _set_key(tree: dict[str, Any], cls: type, key: str, value: Any) -> None:
+    """Set one dotted key in the config's dict, checking the key and the value's type against `cls`."""
+    node, klass = tree, cls
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(klass)
+        if part not in hints:
+            raise _unknown_key(key, cls)
+        if i == len(parts) - 1:
+            node[part] = _check_type(key, value, hints[part])
+            return
+        sub = dataclass_in(hints[part])
+        if sub is None:
+            raise _unknown_key(key, cls)
+        if node.get(part) is None:
+            node[part] = {}  # e.g. model.moe on a dense preset: built from the keys given (validated after)
+        node, klass = node[part], sub
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,10 @@
 """The training loop: AdamW with warmup + cosine decay, routing statistics every step, evaluation, atomic
-checkpoints, exact resume, and a hard stop on a non-finite loss.
+checkpoints, exact resume, and a hard stop on a non-finite loss, for any `Task` (train/task.py): the language
+model (train/lm.py) and the translation task (tasks/translate_train.py) run through this one loop.
+
+Routing statistics and aux losses come from `record_routing()` around the task's forward (routing/log.py), never
+from module attributes: an activation-checkpoint recompute runs in backward, outside the scope, so it is neither
+lost nor counted twice. The loop never sets the CPU thread count (the CLI does, once).
 
 The loop is linear (nanoGPT style). Parallelism enters only through `ParallelHooks`, a handful of calls the loop
 makes at fixed points (wrap the model, reduce gradients, agree on finiteness, gather a full state dict); the
@@ -17,19 +22,17 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeflow.analysis.stats import layer_stats, summarize_layers
 from moeflow.config import ConfigError
-from moeflow.layers import moe_layers
-from moeflow.models import MoETransformer
 from moeflow.routing.deepseek import update_router_biases
+from moeflow.routing.log import RoutingLog, record_routing
 from moeflow.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_optimizer_state_by_name,
                                       optimizer_state_by_name, save_checkpoint, set_rng_state)
-from moeflow.train.config import RunConfig
-from moeflow.train.data import BatchStream, Corpus, DataError, eval_batches, load_corpus
+from moeflow.train.config import flatten
 from moeflow.train.metrics import METRICS_NAME, MetricsLog, Progress
+from moeflow.train.task import Task, TrainSchedule
 
 LN2 = math.log(2.0)
 
@@ -49,8 +52,12 @@ class ParallelHooks(Protocol):
     rank: int
     world: int
 
-    def wrap_model(self, model: MoETransformer) -> MoETransformer:
+    def wrap_model(self, model: nn.Module) -> nn.Module:
         """Shard or wrap a freshly built (identically seeded) model; return the module to train."""
+        ...
+
+    def begin_step(self, step: int) -> None:
+        """The 1-based step about to run (so that a failure in a collective can name it)."""
         ...
 
     def reduce_gradients(self, model: nn.Module) -> None:
@@ -86,8 +93,9 @@ class ParallelHooks(Protocol):
         """Load what `full_optimizer_state` saved (under any number of ranks)."""
         ...
 
-    def update_router_biases(self, model: nn.Module) -> int:
-        """After optimizer.step(): aux-loss-free balancing bias update from the step's (global) expert load."""
+    def update_router_biases(self, log: RoutingLog) -> int:
+        """After optimizer.step(): aux-loss-free balancing bias update from the step's (global) expert load, read
+        from the step's routing log (not from module state, which an activation-checkpoint recompute rewrites)."""
         ...
 
 
@@ -97,9 +105,12 @@ class LocalHooks:
     rank = 0
     world = 1
 
-    def wrap_model(self, model: MoETransformer) -> MoETransformer:
+    def wrap_model(self, model: nn.Module) -> nn.Module:
         """Unchanged."""
         return model
+
+    def begin_step(self, step: int) -> None:
+        """Nothing to record."""
 
     def reduce_gradients(self, model: nn.Module) -> None:
         """Nothing to reduce."""
@@ -135,9 +146,9 @@ class LocalHooks:
         """Inverse of full_optimizer_state."""
         load_optimizer_state_by_name(model, optimizer, state)
 
-    def update_router_biases(self, model: nn.Module) -> int:
+    def update_router_biases(self, log: RoutingLog) -> int:
         """DeepSeek routers nudge their balancing bias from this step's load (no-op for other routers)."""
-        return update_router_biases(model)
+        return update_router_biases(log)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,7 +163,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def lr_at(step: int, cfg: Any) -> float:
+def lr_at(step: int, cfg: TrainSchedule) -> float:
     """Learning rate for 0-based step: linear warmup to cfg.lr, then cosine down to lr * min_lr_ratio."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -162,7 +173,7 @@ def lr_at(step: int, cfg: Any) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainSchedule) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not norms, biases, or routers, whose scale sets routing sharpness)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -185,6 +196,7 @@ class TrainResult:
     elapsed_s: float
     checkpoint: Path
     tokens_per_cpu_s: float = float("nan")  # median tokens per CPU-second (all threads): robust to shared CPUs
+    cpu_s: float = 0.0  # process CPU time of the training steps (all threads), over every session of the run
 
     @property
     def val_bpb(self) -> float:
@@ -193,37 +205,27 @@ class TrainResult:
 
 
 class Trainer:
-    """Builds model, optimizer and data for a RunConfig in a run folder; `run()` trains (or resumes)."""
+    """Trains a built model on a task in a run folder; `run()` trains (or, with `resume`, continues)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, corpus: Corpus | None = None,
+    def __init__(self, model: nn.Module, task: Task, run_dir: str | Path, *, resume: bool = False,
                  hooks: ParallelHooks | None = None, stream: TextIO | None = None, progress: bool = True) -> None:
-        """Set up everything; with `resume`, restore the run folder's checkpoint (config must match)."""
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        """Wrap the model, build the optimizer; with `resume`, restore the run folder's checkpoint (config must
+        match). The model should be freshly built and identically seeded on every rank."""
+        self.task, self.tc, self.run_dir = task, task.train, Path(run_dir)
         self.hooks: ParallelHooks = hooks or LocalHooks()
         self.is_main = self.hooks.rank == 0
         self.out = stream or sys.stdout
         self.show_progress = progress and self.is_main
-        tc = cfg.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.device = resolve_device(tc.device)
-        if tc.batch_size % self.hooks.world:
-            raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {self.hooks.world} "
+        self.device = resolve_device(task.device)
+        if self.tc.batch_size % self.hooks.world:
+            raise ConfigError(f"batch_size={self.tc.batch_size} must be divisible by the {self.hooks.world} "
                               "data-parallel ranks")
-        self.corpus = corpus if corpus is not None else load_corpus(cfg.data)
-        if self.corpus.max_token >= cfg.model.vocab_size:
-            raise DataError(f"{self.corpus.source}: token id {self.corpus.max_token} does not fit "
-                            f"model.vocab_size={cfg.model.vocab_size}; --set model.vocab_size="
-                            f"{self.corpus.max_token + 1} (or larger)")
-        torch.manual_seed(tc.seed)
         # on its device before wrapping: an expert-parallel wrap broadcasts and shards the weights where they live
-        self.model = self.hooks.wrap_model(MoETransformer(cfg.model).to(self.device))
+        self.model = self.hooks.wrap_model(model.to(self.device))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, tc)
-        self.batches = BatchStream(self.corpus.train, tc.batch_size, tc.seq_len, tc.seed)
-        self.val_batches = eval_batches(self.corpus.val, tc.eval_batches, tc.batch_size, tc.seq_len)
+        self.optimizer = build_optimizer(self.model, self.tc)
         self.step = 0
-        self.elapsed_before = 0.0
+        self.elapsed_before = self.cpu_before = 0.0
         self.last_ckpt_step: int | None = None
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         self.metrics_path = self.run_dir / METRICS_NAME
@@ -233,54 +235,51 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- state
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
-        saved, now = ckpt["config"], self.cfg.to_dict()
-        # the schedule length may grow (extend a finished run); anything else changes the math of the run
-        diff = [k for k in ("model", "data") if saved.get(k) != now[k]]
-        diff += [f"train.{k}" for k in now["train"] if k not in ("steps", "device", "log_every")
-                 and saved["train"].get(k) != now["train"][k]]
+        saved, now = flatten(ckpt["config"]), flatten(self.task.config_dict())
+        diff = sorted(k for k in saved.keys() | now.keys()
+                      if k not in self.task.resumable and saved.get(k) != now.get(k))
         if diff:
-            raise ConfigError(f"{self.ckpt_path}: checkpoint was made with a different config ({', '.join(diff)}); "
-                              "resume with the run's own config.json")
+            raise ConfigError(f"{self.ckpt_path}: checkpoint was made with a different config ({', '.join(diff[:6])}"
+                              f"{', ...' if len(diff) > 6 else ''}); resume with the run's own config.json")
         self.hooks.load_full_state_dict(self.model, ckpt["model"])
         self.hooks.load_full_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
-        self.batches.load_state_dict(ckpt["data"])
+        self.task.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
         self.last_ckpt_step = self.step
         self.elapsed_before = float(ckpt["extra"].get("elapsed_s", 0.0))
+        self.cpu_before = float(ckpt["extra"].get("cpu_s", 0.0))
         if self.is_main:
             MetricsLog.truncate_after(self.metrics_path, self.step)
 
-    def save(self, elapsed_s: float) -> None:
+    def save(self, elapsed_s: float, cpu_s: float = 0.0) -> None:
         """Write the checkpoint atomically (rank 0 writes; every rank takes part in gathering)."""
         state = self.hooks.full_state_dict(self.model)
         opt_state = self.hooks.full_optimizer_state(self.model, self.optimizer)
         if self.is_main:
             save_checkpoint(self.ckpt_path, model_state=state, optimizer_state=opt_state,
-                            step=self.step, data_state=self.batches.state_dict(), config=self.cfg.to_dict(),
-                            extra={"elapsed_s": elapsed_s})
+                            step=self.step, data_state=self.task.state_dict(), config=self.task.config_dict(),
+                            extra={"elapsed_s": elapsed_s, "cpu_s": cpu_s})
         self.last_ckpt_step = self.step
 
     def write_config(self, preset: str | None = None) -> None:
         """config.json: the resolved config (plus the preset name, for humans)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            d = {"preset": preset, **self.cfg.to_dict()}
+            d = {"preset": preset, **self.task.config_dict()}
             (self.run_dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
 
     # -------------------------------------------------------------------------------------------- steps
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation windows (router noise off, RNG untouched)."""
+    def evaluate(self) -> dict[str, Any]:
+        """The task's validation numbers (eval mode, no grad, global RNG untouched), averaged over ranks."""
         was = self.model.training
         self.model.eval()
-        total = 0.0
-        with torch.random.fork_rng(devices=[]):
-            for x, y in self.val_batches:
-                logits = self.model(x.to(self.device))
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten()))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = self.task.evaluate(self.model)
         self.model.train(was)
-        return self.hooks.mean(total / len(self.val_batches))
+        if self.hooks.world > 1:
+            out = {k: self.hooks.mean(v) if isinstance(v, float) else v for k, v in out.items()}
+        return out
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         if self.last_ckpt_step is not None:
@@ -289,23 +288,21 @@ class Trainer:
             where = "no checkpoint was written yet"
         return TrainingDiverged(
             f"step {self.step + 1}: {what} is {value} (not finite); stopped before the optimizer step, {where}. "
-            "Lower train.lr, keep train.grad_clip > 0, or check the data.", self.step + 1)
+            "Lower the learning rate, keep grad_clip > 0, or check the data.", self.step + 1)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns the record to log (raises TrainingDiverged on NaN/inf)."""
-        tc, cfgm = self.cfg.train, self.cfg.model
-        begin_step = getattr(self.hooks, "begin_step", None)  # optional: lets a PeerFailureError name the step
-        if begin_step is not None:
-            begin_step(self.step + 1)
-        x, y = self.batches.next_batch(self.hooks.rank, self.hooks.world)
-        x, y = x.to(self.device), y.to(self.device)
+        tc = self.tc
+        self.hooks.begin_step(self.step + 1)
+        batch = self.task.next_batch(self.hooks.rank, self.hooks.world)
         lr = lr_at(self.step, tc)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        logits = self.model(x)
-        ce = F.cross_entropy(logits.view(-1, cfgm.vocab_size).float(), y.flatten())
-        aux = self.model.aux_loss() if tc.aux_loss else ce.new_zeros(())
-        loss = ce + aux
+        # the forward runs inside the scope, backward after it: an activation-checkpoint recompute is not recorded
+        with record_routing() as log:
+            task_loss, extra = self.task.loss(self.model, batch)
+        aux = log.aux_loss(task_loss.device) if tc.aux_loss else task_loss.new_zeros(())
+        loss = task_loss + aux
         loss_v = float(loss.detach())
         if not self.hooks.all_finite(math.isfinite(loss_v)):
             raise self._diverged("the training loss", loss_v)
@@ -316,60 +313,55 @@ class Trainer:
         if not math.isfinite(gnorm):
             raise self._diverged("the gradient norm", gnorm)
         self.optimizer.step()
-        self.hooks.update_router_biases(self.model)
+        self.hooks.update_router_biases(log)
         self.step += 1
-        layers = layer_stats(self.model.routings()) if moe_layers(self.model) else []
-        ce_v = float(ce.detach())
+        layers = layer_stats(log.per_layer(routed_layers(log)))
+        rec = {"loss": loss_v, "ce": float(task_loss.detach()), **extra}
         if self.hooks.world > 1:
             # each rank saw 1/world of the global batch: log the global-batch means, not rank 0's share
-            loss_v, ce_v = self.hooks.mean(loss_v), self.hooks.mean(ce_v)
-        return {"kind": "train", "step": self.step, "loss": loss_v, "ce": ce_v,
-                "aux": float(aux.detach()), "lr": lr, "grad_norm": gnorm, "tokens": x.numel() * self.hooks.world,
-                "layers": layers}
+            rec = {k: self.hooks.mean(v) for k, v in rec.items()}
+        return {"kind": "train", "step": self.step, **rec, "aux": float(aux.detach()), "lr": lr, "grad_norm": gnorm,
+                "tokens": self.task.tokens(batch), "layers": layers}
 
     # -------------------------------------------------------------------------------------------- loop
-    def run(self, stop_at: int | None = None) -> TrainResult:
-        """Train until train.steps (or `stop_at`, for a planned interruption), evaluating and checkpointing."""
-        tc = self.cfg.train
+    def run(self, stop_at: int | None = None, cpu_limit_s: float = 0.0) -> TrainResult:
+        """Train until the last step (or `stop_at`, for a planned interruption; or once the training steps used
+        `cpu_limit_s` of process CPU time, summed over resumes), evaluating and checkpointing."""
+        tc = self.tc
         end = tc.steps if stop_at is None else min(stop_at, tc.steps)
         log = MetricsLog(self.metrics_path) if self.is_main else None
         progress = Progress(end, start=self.step, every=tc.log_every, stream=self.out, enabled=self.show_progress)
         t_start = time.perf_counter()
+        cpu_s = self.cpu_before
         rates: list[float] = []
         cpu_rates: list[float] = []  # tokens per CPU-second of this process: comparable across a shared machine
         recent: list[float] = []
-        val_loss = float("nan")
+        evaluation: dict[str, Any] = {}
         self.model.train()
         try:
             while self.step < end:
                 t0, c0 = time.perf_counter(), time.process_time()
                 rec = self.train_step()
                 dt, cdt = time.perf_counter() - t0, time.process_time() - c0
+                cpu_s += cdt
                 rates.append(rec["tokens"] / dt)
                 cpu_rates.append(rec["tokens"] / max(cdt, 1e-9))
                 recent = (recent + [rec["loss"]])[-20:]
-                rec["tokens_per_s"] = rates[-1]
-                rec["tokens_per_cpu_s"] = cpu_rates[-1]
-                rec["elapsed_s"] = self.elapsed_before + time.perf_counter() - t_start
+                rec.update(tokens_per_s=rates[-1], tokens_per_cpu_s=cpu_rates[-1],
+                           elapsed_s=self.elapsed_before + time.perf_counter() - t_start, cpu_s=cpu_s)
                 if log:
                     log.write(rec)
-                fields = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
-                          "tok/s": f"{sorted(rates[-20:])[len(rates[-20:]) // 2]:,.0f}"}
-                summ = summarize_layers(rec["layers"])
-                if summ:
-                    fields["dropped"] = f"{summ['dropped']:.3f}"
-                    fields["max/mean load"] = f"{summ['imbalance']:.2f}"
-                progress.update(self.step, fields)
-                last = self.step == tc.steps
+                progress.update(self.step, _progress_fields(rec, rates))
+                # every rank must stop on the same step: agree on the CPU budget like on finiteness
+                out_of_cpu = cpu_limit_s > 0 and not self.hooks.all_finite(cpu_s < cpu_limit_s)
+                last = self.step == tc.steps or out_of_cpu
                 if (tc.eval_every and self.step % tc.eval_every == 0) or last:
-                    val_loss = self.evaluate()
-                    if log:
-                        log.write({"kind": "eval", "step": self.step, "val_loss": val_loss,
-                                   "val_bpb": val_loss / LN2})
-                    progress.message(f"eval step {self.step}: val loss {val_loss:.4f} "
-                                     f"({val_loss / LN2:.3f} bits/byte)")
+                    evaluation = self._log_eval(log, progress)
                 if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last or self.step == end:
-                    self.save(self.elapsed_before + time.perf_counter() - t_start)
+                    self.save(self.elapsed_before + time.perf_counter() - t_start, cpu_s)
+                if out_of_cpu:
+                    progress.message(f"CPU limit {cpu_limit_s:.0f} s reached at step {self.step}")
+                    break
         except TrainingDiverged as e:
             if log:
                 log.write({"kind": "diverged", "step": e.step, "message": str(e)})
@@ -378,25 +370,43 @@ class Trainer:
             progress.close()
             if log:
                 log.close()
-        if not math.isfinite(val_loss):
-            val_loss = self.evaluate()  # stopped early between evaluations
+        if not evaluation:
+            evaluation = self.evaluate()  # stopped early between evaluations
         elapsed = self.elapsed_before + time.perf_counter() - t_start
-        return TrainResult(self.run_dir, self.step, sum(recent) / max(len(recent), 1), val_loss, _median(rates),
-                           elapsed, self.ckpt_path, _median(cpu_rates))
+        return TrainResult(self.run_dir, self.step, sum(recent) / max(len(recent), 1), evaluation["val_loss"],
+                           _median(rates), elapsed, self.ckpt_path, _median(cpu_rates), cpu_s)
+
+    def _log_eval(self, log: MetricsLog | None, progress: Progress) -> dict[str, Any]:
+        """Evaluate, log the record and print its line."""
+        evaluation = self.evaluate()
+        if log:
+            log.write({"kind": "eval", "step": self.step, **evaluation})
+        text = f"eval step {self.step}: val loss {evaluation['val_loss']:.4f}"
+        if "val_bpb" in evaluation:
+            text += f" ({evaluation['val_bpb']:.3f} bits/byte)"
+        progress.message(text)
+        return evaluation
+
+
+def routed_layers(log: RoutingLog) -> list[object]:
+    """The MoE blocks that logged a routing, each once, in the order of their first forward (= layer order)."""
+    return list(dict.fromkeys(layer for layer, _ in log.entries))
+
+
+def _progress_fields(rec: dict[str, Any], rates: list[float]) -> dict[str, str]:
+    """The progress line: loss, lr, median tokens/s of the last 20 steps, drops and worst load."""
+    window = sorted(rates[-20:])
+    fields = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{window[len(window) // 2]:,.0f}"}
+    summ = summarize_layers(rec["layers"])
+    if summ:
+        fields["dropped"] = f"{summ['dropped']:.3f}"
+        fields["max/mean load"] = f"{summ['imbalance']:.2f}"
+    return fields
 
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] if values else float("nan")
 
 
-def model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETransformer, RunConfig, dict[str, Any]]:
-    """Rebuild the trained model of a run folder from its checkpoint (eval mode)."""
-    ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME, map_location=device)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    model = MoETransformer(cfg.model)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg, ckpt
-
-
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "ParallelHooks", "LocalHooks", "lr_at", "build_optimizer",
-           "resolve_device", "model_from_run"]
+           "resolve_device", "routed_layers"]
