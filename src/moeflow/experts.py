@@ -18,6 +18,17 @@ from moeflow.ops.rows import ExpertRows
 from moeflow.ops.threads import ExpertPool
 
 
+def _local(w: Tensor) -> Tensor:
+    """This rank's rows of a weight: the local shard of an expert-parallel DTensor, else the tensor itself.
+
+    NOTE: duck-typed (`to_local`) so this module never imports torch.distributed; under expert parallelism the
+    weights are DTensors sharded Shard(0) over the EP mesh (moeflow.parallel.fsdp) and the all-to-all
+    dispatcher has already brought this rank's experts their rows, so the math is the local one.
+    """
+    to_local = getattr(w, "to_local", None)
+    return w if to_local is None else to_local()
+
+
 class GroupedExperts(nn.Module):
     """E FFNs stored as `w_in` [E, F, D] and `w_out` [E, D, H], run on the rows an `ExpertRows` plan names.
 
@@ -55,14 +66,15 @@ class GroupedExperts(nn.Module):
 
         Each output row is scaled by `rows.weights_R` when the plan gives them (see ExpertRows).
         """
-        impl = resolve_impl(x, self.w_in, self.impl)
+        w_in, w_out = _local(self.w_in), _local(self.w_out)
+        impl = resolve_impl(x, w_in, self.impl)
         if impl == "loop":
             # fused and chunked: no [R, H] / [R, F] temporaries besides the saved pre-activation (see grouped_mlp)
-            return grouped_mlp(x, self.w_in, self.w_out, rows.splits, self.activation, self.grad_buffers,
+            return grouped_mlp(x, w_in, w_out, rows.splits, self.activation, self.grad_buffers,
                                rows.weights_R, rows.tokens, self.pool)
         x_RD = x if rows.tokens is None else rows.tokens.gather(x)
-        h_RF = grouped_linear(x_RD, self.w_in, rows.counts_E, rows.splits, impl)
-        y_RD = grouped_linear(activate(h_RF, self.activation), self.w_out, rows.counts_E, rows.splits, impl)
+        h_RF = grouped_linear(x_RD, w_in, rows.counts_E, rows.splits, impl)
+        y_RD = grouped_linear(activate(h_RF, self.activation), w_out, rows.counts_E, rows.splits, impl)
         return weight_and_sum(y_RD, rows)
 
     def extra_repr(self) -> str:

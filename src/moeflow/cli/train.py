@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="expert-parallel size under torchrun: experts of every MoE layer are split over N ranks, "
                         "the rest is data-parallel (world = N x DP); e.g. torchrun --nproc-per-node 4 -m moeflow "
                         "train --ep 2")
+    p.add_argument("--dp", type=int, default=None, metavar="N",
+                   help="data-parallel size of the (dp, ep) mesh under torchrun (default world / ep); given, "
+                        "dp x ep must equal the number of processes, checked before any work")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--list-keys", action="store_true", help="print every key --set accepts and exit")
@@ -132,7 +135,13 @@ def run(args: argparse.Namespace) -> int:
         print(write_report(args.report_only))
         return 0
     t_total = time.perf_counter()
-    hooks, dims = _parallel_hooks(args)
+    from moeflow.parallel.groups import ParallelConfigError
+
+    try:
+        hooks, dims = _parallel_hooks(args)
+    except ParallelConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return _run_training(args, hooks, t_total)
     finally:
@@ -147,11 +156,11 @@ def _parallel_hooks(args: argparse.Namespace, mode: str = "auto") -> tuple[objec
 
     `mode` is the expert-parallel dispatcher mode (see moeflow.parallel.parallelize)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.ep is None and world == 1:
+    if args.ep is None and args.dp is None and world == 1:
         return None, None
     from moeflow.parallel import DistributedHooks, init_distributed
 
-    dims = init_distributed(ep=args.ep or 1)
+    dims = init_distributed(ep=args.ep or 1, dp=args.dp)
     return DistributedHooks(dims, mode), dims
 
 

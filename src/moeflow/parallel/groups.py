@@ -7,8 +7,13 @@ group (DeepSpeed's "E+D" layout, `utils/groups.py`):
     world 4, ep 2:   EP groups  [0, 1] [2, 3]      (different experts, exchange tokens)
                      EDP groups [0, 2] [1, 3]      (same experts, average expert gradients)
 
+The same layout is a named 2-D DeviceMesh `("dp", "ep")` of shape `(world // ep, ep)`: `mesh["ep"]` is this
+rank's EP group, `mesh["dp"]` its EDP group (the ranks that hold the same experts and shard them with FSDP2), and
+`world_mesh` (the flattened mesh) shards the dense parameters over every rank.
+
 `init_distributed` is the entry point: it reads torchrun's environment, creates the default process group with
-an explicit timeout (so a dead peer becomes an error, not a hang) and builds the subgroups.
+an explicit timeout (so a dead peer becomes an error, not a hang) and builds the subgroups and the mesh. One
+process without torchrun gets a world-1 mesh (a one-rank gloo group), so it runs the same FSDP2 code.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -43,6 +49,8 @@ class ParallelDims:
     ep_group: dist.ProcessGroup | None = field(default=None, repr=False)  # ranks holding different experts
     edp_group: dist.ProcessGroup | None = field(default=None, repr=False)  # ranks holding the same experts
     world_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    mesh: DeviceMesh | None = field(default=None, repr=False)  # ("dp", "ep"), built by build_mesh
+    world_mesh: DeviceMesh | None = field(default=None, repr=False)  # mesh flattened: every rank, for dense params
 
     def __post_init__(self) -> None:
         """Check the layout is possible."""
@@ -109,6 +117,21 @@ class ParallelDims:
         n = num_experts // self.ep
         return range(self.ep_rank * n, (self.ep_rank + 1) * n)
 
+    @property
+    def mesh_shape(self) -> tuple[int, int]:
+        """(dp, ep) of the DeviceMesh: dp = ranks holding the same experts (FSDP over them), ep = expert shards."""
+        return (self.edp, self.ep)
+
+    def build_mesh(self) -> None:
+        """Create the named ("dp", "ep") DeviceMesh on an initialised default group (collective, even at world 1)."""
+        if not dist.is_initialized():
+            raise ParallelConfigError("build_mesh needs torch.distributed initialised; use init_distributed()")
+        device = self.comm_device.type
+        self.mesh = init_device_mesh(device, self.mesh_shape, mesh_dim_names=("dp", "ep"))
+        # NOTE: a 1-D mesh of its own rather than mesh._flatten(): FSDP2 only needs a mesh whose group spans
+        # every rank, and this keeps to public API
+        self.world_mesh = init_device_mesh(device, (self.world,), mesh_dim_names=("world",))
+
     def build_groups(self) -> None:
         """Create the EP and EDP subgroups on an initialised default group (collective: every rank calls it)."""
         if not self.distributed:
@@ -136,12 +159,34 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def init_distributed(ep: int = 1, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelDims:
-    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT) and build the EP/EDP groups.
+def check_layout(world: int, ep: int, dp: int | None = None, num_experts: int | None = None) -> None:
+    """Raise ParallelConfigError naming the numbers if (dp, ep) cannot tile `world` (or split the experts)."""
+    for name, v in (("ep", ep), ("dp", dp)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ParallelConfigError(f"{name} must be a positive integer, got {v!r}")
+    if world % ep:
+        raise ParallelConfigError(
+            f"expert-parallel size ep={ep} must divide the world size {world}; launch a multiple of {ep} "
+            f"processes or pick ep from the divisors of {world}")
+    if dp is not None and dp * ep != world:
+        raise ParallelConfigError(
+            f"dp x ep must equal the world size: dp={dp} x ep={ep} = {dp * ep}, but {world} processes were "
+            f"launched; use dp={world // ep} (or leave --dp unset) or launch {dp * ep} processes")
+    if num_experts is not None and num_experts % ep:
+        raise ParallelConfigError(
+            f"num_experts={num_experts} is not divisible by ep={ep}; each rank must hold the same number of "
+            f"experts: choose ep from the divisors of {num_experts}")
 
-    Without torchrun (no WORLD_SIZE, or 1) this returns a single-process layout and initialises nothing. If the
-    default group is already initialised (e.g. by a test harness), it is reused. `timeout_s` bounds every
-    collective: a dead or stuck peer raises instead of hanging (converted to `PeerFailureError` by our calls).
+
+def init_distributed(ep: int = 1, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     dp: int | None = None, num_experts: int | None = None, mesh: bool = True) -> ParallelDims:
+    """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR/PORT); build the EP/EDP groups and the mesh.
+
+    Without torchrun (no WORLD_SIZE, or 1) this is the world-1 layout: with `mesh` it initialises a one-rank gloo
+    group so the FSDP2 path runs unchanged. If the default group is already initialised (e.g. by a test
+    harness), it is reused. The layout is checked before any group exists: `dp` (if given) times `ep` must be
+    the world size, and `ep` must divide `num_experts` (if given). `timeout_s` bounds every collective: a dead
+    or stuck peer raises instead of hanging (converted to `PeerFailureError` by our calls).
     """
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -149,6 +194,7 @@ def init_distributed(ep: int = 1, backend: str | None = None, timeout_s: float =
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         if world > 1:
+            check_layout(world, ep, dp, num_experts)  # before the rendezvous: a bad layout costs no waiting
             if not dist.is_available():
                 raise ParallelConfigError("this torch build has no torch.distributed; run with one process")
             backend = backend or _default_backend()
@@ -158,8 +204,14 @@ def init_distributed(ep: int = 1, backend: str | None = None, timeout_s: float =
     if world == 1 and ep > 1:
         raise ParallelConfigError(f"ep={ep} needs {ep} processes but this is a single process; launch with "
                                   f"`torchrun --nproc-per-node {ep} -m moeflow train --ep {ep}`")
+    check_layout(world, ep, dp, num_experts)
     dims = ParallelDims(world=world, ep=ep, rank=rank, timeout_s=timeout_s)
     dims.build_groups()
+    if mesh:
+        if not dist.is_initialized():  # world 1 without torchrun: a private one-rank group, no ports
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s))
+        dims.build_mesh()
     return dims
 
 
@@ -169,6 +221,6 @@ def is_main(dims: ParallelDims) -> bool:
 
 
 def shutdown(dims: ParallelDims) -> None:
-    """Destroy the process groups (call once at the end of training)."""
-    if dims.distributed and dist.is_initialized():
+    """Destroy the process groups (call once at the end of training; also the world-1 group init_distributed made)."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,10 +1,13 @@
-"""`DistributedHooks`: the trainer's `ParallelHooks` seam (moeflow.train.trainer) implemented with EP + DP.
+"""`DistributedHooks`: the trainer's `ParallelHooks` seam (moeflow.train.trainer) on FSDP2 + expert parallelism.
 
     dims = init_distributed(ep=args.ep)
-    trainer = Trainer(cfg, run_dir, hooks=DistributedHooks(dims))
+    trainer = Trainer(model, task, run_dir, hooks=DistributedHooks(dims))
 
-Each method is one of the functions of this package; the class only binds them to one `ParallelDims`.
-Setting `hooks.dims.step = step` at the start of each step makes a `PeerFailureError` name the step.
+`wrap_model` slices the experts and swaps in the all-to-all dispatcher (`parallelize`), then applies FSDP2 over the
+DeviceMesh (`shard_model`). Gradients are reduce-scattered by FSDP2 during the backward; the hooks only add what
+FSDP2 does not do: a global gradient norm, agreement on finiteness, the DeepSeek bias update from the global load,
+and the state dicts a Distributed Checkpoint saves (local shards under logical names). Setting
+`hooks.dims.step = step` at the start of each step makes a `PeerFailureError` name the step.
 Everything here is collective: every rank must make the same calls in the same order.
 """
 
@@ -15,17 +18,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from moeflow.parallel.apply import allreduce_gradients, clip_grad_norm_, parallelize, update_router_biases
-from moeflow.parallel.checkpoint import (gather_full_optimizer_state, gather_full_state_dict,
-                                         load_full_optimizer_state, load_full_state_dict)
+from moeflow.parallel.apply import parallelize, update_router_biases
+from moeflow.parallel.fsdp import clip_grad_norm_, set_gradient_sync, shard_model
 from moeflow.parallel.groups import ParallelDims
-from moeflow.parallel.watchdog import collective_guard
+from moeflow.parallel.watchdog import barrier_with_timeout, collective_guard
 from moeflow.routing.log import RoutingLog
 
 
 class DistributedHooks:
-    """Expert + data parallelism for the training loop; with world 1 every call is the single-process identity."""
+    """FSDP2 + expert parallelism for the training loop; at world 1 it runs the same code on a one-rank mesh."""
+
+    sharded_checkpoints = True
 
     def __init__(self, dims: ParallelDims, mode: str = "auto") -> None:
         """Bind to a layout from `init_distributed`; `mode` is the EP dispatcher mode (see `parallelize`)."""
@@ -33,18 +38,19 @@ class DistributedHooks:
         self.rank, self.world = dims.rank, dims.world
         self._model: nn.Module | None = None
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Broadcast rank 0's weights, shard the experts, swap in all-to-all dispatchers."""
-        self._model = parallelize(model, self.dims, self.mode)
+    def wrap_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        """Broadcast rank 0's weights, shard the experts over ep, FSDP2 over the mesh (`precision`: compute dtype,
+        "fp32" or "bf16"; master weights and reductions stay fp32, routers compute in fp32)."""
+        self._model = shard_model(parallelize(model, self.dims, self.mode), self.dims, precision)
         return self._model
 
     def begin_step(self, step: int) -> None:
         """Record the step about to run, so a PeerFailureError names it."""
         self.dims.step = step
 
-    def reduce_gradients(self, model: nn.Module) -> None:
-        """Replicated grads: world mean; expert grads: EDP sum / world."""
-        allreduce_gradients(model, self.dims)
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Off for gradient-accumulation micro-batches (gradients accumulate unreduced), on for the last one."""
+        set_gradient_sync(model, enabled)
 
     def all_finite(self, finite: bool) -> bool:
         """True only if every rank's value was finite (all ranks then stop on the same step)."""
@@ -56,39 +62,42 @@ class DistributedHooks:
         return bool(flag.item() > 0)
 
     def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
-        """Norm of the logical model's gradients (experts summed over the EP group), clipped if max_norm > 0."""
-        if self._model is None:
-            raise RuntimeError("DistributedHooks.clip_grad_norm before wrap_model: wrap the model first")
-        return clip_grad_norm_(self._model, self.dims, max_norm, params)
+        """Norm of the logical model's gradients (one all-reduce of the local shards' squares), clipped if > 0."""
+        return clip_grad_norm_(params, self.dims, max_norm)
 
     def mean(self, value: float) -> float:
         """Average of a Python number over ranks."""
+        return self.sum(value) / self.dims.world
+
+    def sum(self, value: float) -> float:
+        """Sum of a Python number over ranks (global token counts)."""
         if not self.dims.distributed:
             return value
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.dims.comm_device)
-        with collective_guard("all_reduce(mean)", self.dims):
+        with collective_guard("all_reduce(sum)", self.dims):
             dist.all_reduce(t)
-        return float(t.item()) / self.dims.world
+        return float(t.item())
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """Logical state dict on rank 0 (full [E, ...] experts); empty on the other ranks."""
-        return gather_full_state_dict(model, self.dims) or {}
+    def barrier(self, name: str) -> None:
+        """Wait for every rank (bounded by the group timeout; the error names the missing ranks)."""
+        barrier_with_timeout(self.dims, name)
 
-    def load_full_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
-        """Each rank keeps its experts' block of a logical state dict."""
-        load_full_state_dict(model, state, self.dims)
+    def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model, optimizer) state dicts keyed by parameter name: local DTensor shards (for DCP), or with `full`
+        the gathered logical tensors on rank 0 (empty on the others)."""
+        opts = StateDictOptions(full_state_dict=full, cpu_offload=full)
+        with collective_guard("gather state dict" if full else "state dict", self.dims):
+            return get_state_dict(model, optimizer, options=opts)
 
-    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Optimizer state keyed by parameter name with full expert moments, on rank 0 (empty elsewhere).
-
-        Save this instead of `optimizer.state_dict()` under EP: rank 0's own state only covers its experts.
-        """
-        return gather_full_optimizer_state(model, optimizer, self.dims) or {}
-
-    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                                  state: dict[str, Any]) -> None:
-        """Load what `full_optimizer_state` saved, under any EP size."""
-        load_full_optimizer_state(model, optimizer, state, self.dims)
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                         optim_state: dict[str, Any], full: bool = False) -> None:
+        """Load what `state_dicts` returned (`full`: logical tensors, e.g. an old single-file checkpoint, which
+        every rank holds whole and keeps its own shards of)."""
+        opts = StateDictOptions(full_state_dict=full, strict=True)
+        with collective_guard("load state dict", self.dims):
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                           options=opts)
 
     def update_router_biases(self, log: RoutingLog, rate: float | None = None) -> int:
         """After optimizer.step(): DeepSeek-style bias update from the global expert load of the step's routing log

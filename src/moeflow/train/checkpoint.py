@@ -88,10 +88,23 @@ def save_checkpoint(path: str | Path, *, model_state: dict[str, Any], optimizer_
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`, with a clear error if it is missing or damaged."""
+    """Read a checkpoint written by `save_checkpoint`, with a clear error if it is missing or damaged.
+
+    A run folder (or a `checkpoint.dcp` folder) may instead hold a sharded checkpoint (train/sharded_checkpoint.py):
+    the newer of the two is read, the sharded one assembled into the same dict of full tensors in this process.
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
+    if path.is_dir() or (path.name == CHECKPOINT_NAME and not path.exists()):
+        from moeflow.train.sharded_checkpoint import DCP_NAME, read_full_checkpoint
+
+        run = path.parent if path.name == CHECKPOINT_NAME else path
+        dcp_root = run if run.name == DCP_NAME else run / DCP_NAME
+        file_path = run / CHECKPOINT_NAME
+        if dcp_root.exists():
+            sharded = read_full_checkpoint(dcp_root, newer_than=file_path if file_path.exists() else None)
+            if sharded is not None:
+                return sharded
+        path = file_path
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint there; train first (moeflow train) or pass the run folder "
                               "that holds checkpoint.pt")

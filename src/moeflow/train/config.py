@@ -47,12 +47,17 @@ class TrainConfig(Config):
     seed: int = 0  # model init, data stream and router noise
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # torch CPU threads (0: torch's default); bitwise resume needs the same value
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (loss averaged over all their tokens)
+    precision: str = "fp32"  # FSDP2 compute dtype under torchrun: fp32 or bf16 (fp32 master weights, fp32 routers)
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
+    compile: bool = False  # torch.compile each block (falls back to eager with a message where unavailable)
 
     config_name = "train"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
 
     def __post_init__(self) -> None:
         """Validate every field."""
-        check_int(self, "steps", "batch_size", "seq_len", "eval_batches", "log_every")
+        check_int(self, "steps", "batch_size", "seq_len", "eval_batches", "log_every", "grad_accum")
+        need(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r} is unknown; use fp32 or bf16")
         check_int(self, "warmup", "eval_every", "ckpt_every", "threads", "seed", lo=0)
         check_number(self, "lr", lo=0, lo_open=True)
         check_number(self, "min_lr_ratio", hi=1)

@@ -27,7 +27,8 @@ LN2 = math.log(2.0)
 class LMTask:
     """Random windows of a byte corpus, token-mean cross-entropy, validation on fixed held-out windows."""
 
-    resumable = frozenset({"train.steps", "train.device", "train.log_every"})  # the schedule may grow
+    resumable = frozenset({"train.steps", "train.device", "train.log_every", "train.activation_checkpointing",
+                           "train.compile"})  # the schedule may grow
 
     def __init__(self, cfg: RunConfig, corpus: Corpus | None = None) -> None:
         """Load the corpus (unless given) and check that its token ids fit the model's vocabulary."""
@@ -53,6 +54,10 @@ class LMTask:
     def next_batch(self, rank: int, world: int) -> tuple[Tensor, Tensor]:
         """(inputs, targets) [B/world, S] of this rank."""
         return self.batches.next_batch(rank, world)
+
+    def loss_tokens(self, batch: tuple[Tensor, Tensor]) -> int:
+        """Target tokens of this rank's batch (the count its mean loss is over)."""
+        return batch[1].numel()
 
     def tokens(self, batch: tuple[Tensor, Tensor]) -> int:
         """batch_size * seq_len (the global batch)."""

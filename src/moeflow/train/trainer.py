@@ -28,8 +28,11 @@ from moeflow.analysis.stats import layer_stats, summarize_layers
 from moeflow.config import ConfigError
 from moeflow.routing.deepseek import update_router_biases
 from moeflow.routing.log import RoutingLog, record_routing
-from moeflow.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_optimizer_state_by_name,
-                                      optimizer_state_by_name, save_checkpoint, set_rng_state)
+from moeflow.train.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, load_checkpoint,
+                                      load_optimizer_state_by_name, optimizer_state_by_name, rng_state,
+                                      save_checkpoint, set_rng_state)
+from moeflow.train.compile import apply_activation_checkpointing, compile_blocks
+from moeflow.train.sharded_checkpoint import DCP_NAME, latest_folder, load_sharded, read_meta, save_sharded
 from moeflow.train.config import flatten
 from moeflow.train.metrics import METRICS_NAME, MetricsLog, Progress
 from moeflow.train.task import Task, TrainSchedule
@@ -51,17 +54,19 @@ class ParallelHooks(Protocol):
 
     rank: int
     world: int
+    sharded_checkpoints: bool  # True: each rank saves its shards (DCP); False: one file of the logical model
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Shard or wrap a freshly built (identically seeded) model; return the module to train."""
+    def wrap_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        """Shard or wrap a freshly built (identically seeded) model; return the module to train. `precision` is
+        the compute dtype ("fp32" or "bf16": fp32 master weights and reductions, fp32 routers)."""
         ...
 
     def begin_step(self, step: int) -> None:
         """The 1-based step about to run (so that a failure in a collective can name it)."""
         ...
 
-    def reduce_gradients(self, model: nn.Module) -> None:
-        """Average gradients over the ranks that share each parameter (after backward, before clipping)."""
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Whether the next backward reduces gradients over ranks (off for gradient-accumulation micro-batches)."""
         ...
 
     def all_finite(self, finite: bool) -> bool:
@@ -76,21 +81,23 @@ class ParallelHooks(Protocol):
         """Average a Python number over ranks (validation loss)."""
         ...
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The unsharded model state dict (for checkpoints; may be empty on non-zero ranks)."""
+    def sum(self, value: float) -> float:
+        """Sum a Python number over ranks (global token counts)."""
         ...
 
-    def load_full_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
-        """Load an unsharded state dict into the (possibly sharded) model."""
+    def barrier(self, name: str) -> None:
+        """Wait for every rank (checkpoint commits)."""
         ...
 
-    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Optimizer state keyed by parameter name, experts unsharded (may be empty on non-zero ranks)."""
+    def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model, optimizer) state keyed by parameter name: this rank's shards for a sharded checkpoint, or with
+        `full` the logical tensors (may be empty on non-zero ranks)."""
         ...
 
-    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                                  state: dict[str, Any]) -> None:
-        """Load what `full_optimizer_state` saved (under any number of ranks)."""
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                         optim_state: dict[str, Any], full: bool = False) -> None:
+        """Load what `state_dicts` returned (`full`: logical tensors, under any number of ranks)."""
         ...
 
     def update_router_biases(self, log: RoutingLog) -> int:
@@ -104,16 +111,20 @@ class LocalHooks:
 
     rank = 0
     world = 1
+    sharded_checkpoints = False
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Unchanged."""
+    def wrap_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        """Unchanged (mixed precision needs FSDP2: a ConfigError that says how to get it)."""
+        if precision != "fp32":
+            raise ConfigError(f"train.precision={precision} runs through FSDP2's MixedPrecisionPolicy: launch with "
+                              "torchrun (`torchrun --nproc-per-node 1 -m moeflow train ...` works on one process)")
         return model
 
     def begin_step(self, step: int) -> None:
         """Nothing to record."""
 
-    def reduce_gradients(self, model: nn.Module) -> None:
-        """Nothing to reduce."""
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Nothing to reduce: gradients simply accumulate."""
 
     def all_finite(self, finite: bool) -> bool:
         """This rank's answer."""
@@ -129,22 +140,31 @@ class LocalHooks:
         """Unchanged."""
         return value
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """model.state_dict()."""
-        return model.state_dict()
+    def sum(self, value: float) -> float:
+        """Unchanged."""
+        return value
 
-    def load_full_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
-        """model.load_state_dict (strict)."""
-        model.load_state_dict(state)
+    def barrier(self, name: str) -> None:
+        """Nobody to wait for."""
 
-    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """optimizer.state_dict() keyed by parameter name."""
-        return optimizer_state_by_name(model, optimizer)
+    def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """model.state_dict() and the optimizer state keyed by parameter name (`full` or not: one process holds
+        everything; the sharded form comes from torch's get_state_dict so a DCP checkpoint loads here too)."""
+        if full:
+            return model.state_dict(), optimizer_state_by_name(model, optimizer)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        return get_state_dict(model, optimizer)
 
-    def load_full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                                  state: dict[str, Any]) -> None:
-        """Inverse of full_optimizer_state."""
-        load_optimizer_state_by_name(model, optimizer, state)
+    def load_state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                         optim_state: dict[str, Any], full: bool = False) -> None:
+        """Inverse of state_dicts (strict)."""
+        if full:
+            model.load_state_dict(model_state)
+            load_optimizer_state_by_name(model, optimizer, optim_state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
     def update_router_biases(self, log: RoutingLog) -> int:
         """DeepSeek routers nudge their balancing bias from this step's load (no-op for other routers)."""
@@ -220,29 +240,59 @@ class Trainer:
         if self.tc.batch_size % self.hooks.world:
             raise ConfigError(f"batch_size={self.tc.batch_size} must be divisible by the {self.hooks.world} "
                               "data-parallel ranks")
+        self.accum = int(getattr(self.tc, "grad_accum", 1))
+        apply_activation_checkpointing(model, bool(getattr(self.tc, "activation_checkpointing", False)))
         # on its device before wrapping: an expert-parallel wrap broadcasts and shards the weights where they live
-        self.model = self.hooks.wrap_model(model.to(self.device))
+        self.model = self.hooks.wrap_model(model.to(self.device), str(getattr(self.tc, "precision", "fp32")))
+        if getattr(self.tc, "compile", False):
+            compile_blocks(self.model, self.out if self.is_main else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, self.tc)
         self.step = 0
         self.elapsed_before = self.cpu_before = 0.0
         self.last_ckpt_step: int | None = None
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
+        self.dcp_root = self.run_dir / DCP_NAME
+        self.last_save_s = 0.0
         self.metrics_path = self.run_dir / METRICS_NAME
         if resume:
             self._restore()
 
     # -------------------------------------------------------------------------------------------- state
+    def _newest_checkpoint(self) -> tuple[str, Any]:
+        """("file", path) or ("dcp", step folder): whichever of the run's checkpoints has the later step."""
+        folder = latest_folder(self.dcp_root) if self.dcp_root.exists() else None
+        if folder is None:
+            return "file", self.ckpt_path
+        if not self.ckpt_path.exists():
+            return "dcp", folder
+        file_step = int(load_checkpoint(self.ckpt_path, map_location="cpu")["step"])
+        dcp_step = int(read_meta(folder)["step"])
+        # a tie means the same state twice: read the format this layout writes
+        if dcp_step > file_step or (dcp_step == file_step and self.hooks.sharded_checkpoints):
+            return "dcp", folder
+        return "file", self.ckpt_path
+
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
+        kind, where = self._newest_checkpoint()
+        if kind == "dcp":
+            ckpt = read_meta(where)
+        else:
+            ckpt = load_checkpoint(where, map_location=self.device)
         saved, now = flatten(ckpt["config"]), flatten(self.task.config_dict())
         diff = sorted(k for k in saved.keys() | now.keys()
                       if k not in self.task.resumable and saved.get(k) != now.get(k))
         if diff:
-            raise ConfigError(f"{self.ckpt_path}: checkpoint was made with a different config ({', '.join(diff[:6])}"
+            raise ConfigError(f"{where}: checkpoint was made with a different config ({', '.join(diff[:6])}"
                               f"{', ...' if len(diff) > 6 else ''}); resume with the run's own config.json")
-        self.hooks.load_full_state_dict(self.model, ckpt["model"])
-        self.hooks.load_full_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
+        if kind == "dcp":
+            # the template holds THIS layout's shards; DCP reads the overlapping pieces of every saved shard
+            model_sd, optim_sd = self.hooks.state_dicts(self.model, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            load_sharded(where, state)
+            self.hooks.load_state_dicts(self.model, self.optimizer, state["model"], state["optim"])
+        else:  # a single-file checkpoint (one process, or a run from before sharded checkpoints)
+            self.hooks.load_state_dicts(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"], full=True)
         self.task.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
@@ -253,13 +303,21 @@ class Trainer:
             MetricsLog.truncate_after(self.metrics_path, self.step)
 
     def save(self, elapsed_s: float, cpu_s: float = 0.0) -> None:
-        """Write the checkpoint atomically (rank 0 writes; every rank takes part in gathering)."""
-        state = self.hooks.full_state_dict(self.model)
-        opt_state = self.hooks.full_optimizer_state(self.model, self.optimizer)
-        if self.is_main:
-            save_checkpoint(self.ckpt_path, model_state=state, optimizer_state=opt_state,
-                            step=self.step, data_state=self.task.state_dict(), config=self.task.config_dict(),
-                            extra={"elapsed_s": elapsed_s, "cpu_s": cpu_s})
+        """Write the checkpoint atomically: each rank its shards (sharded hooks), else one file from rank 0."""
+        meta = {"format_version": FORMAT_VERSION, "step": self.step, "rng": rng_state(),
+                "data": self.task.state_dict(), "config": self.task.config_dict(),
+                "extra": {"elapsed_s": elapsed_s, "cpu_s": cpu_s}}
+        if self.hooks.sharded_checkpoints:
+            model_sd, optim_sd = self.hooks.state_dicts(self.model, self.optimizer)
+            _, self.last_save_s = save_sharded(self.dcp_root, {"model": model_sd, "optim": optim_sd}, meta,
+                                               self.step, self.hooks.rank, self.hooks.barrier)
+        else:
+            t0 = time.perf_counter()
+            state, opt_state = self.hooks.state_dicts(self.model, self.optimizer, full=True)
+            if self.is_main:
+                save_checkpoint(self.ckpt_path, model_state=state, optimizer_state=opt_state,
+                                step=self.step, data_state=meta["data"], config=meta["config"], extra=meta["extra"])
+            self.last_save_s = time.perf_counter() - t0
         self.last_ckpt_step = self.step
 
     def write_config(self, preset: str | None = None) -> None:
@@ -298,17 +356,31 @@ class Trainer:
         lr = lr_at(self.step, tc)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        # the forward runs inside the scope, backward after it: an activation-checkpoint recompute is not recorded
-        with record_routing() as log:
-            task_loss, extra = self.task.loss(self.model, batch)
-        aux = log.aux_loss(task_loss.device) if tc.aux_loss else task_loss.new_zeros(())
-        loss = task_loss + aux
-        loss_v = float(loss.detach())
-        if not self.hooks.all_finite(math.isfinite(loss_v)):
-            raise self._diverged("the training loss", loss_v)
+        batches = [batch] + [self.task.next_batch(self.hooks.rank, self.hooks.world)
+                             for _ in range(self.accum - 1)]
+        weights = self._micro_weights(batches)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.hooks.reduce_gradients(self.model)
+        log = RoutingLog()
+        loss_v = ce_v = aux_v = 0.0
+        extra: dict[str, float] = {}
+        for i, (mb, w) in enumerate(zip(batches, weights)):
+            # the forward runs inside the scope, backward after it: an activation-checkpoint recompute is not
+            # recorded
+            with record_routing() as mb_log:
+                task_loss, mb_extra = self.task.loss(self.model, mb)
+            aux = mb_log.aux_loss(task_loss.device) if tc.aux_loss else task_loss.new_zeros(())
+            loss = task_loss + aux
+            # the finiteness check is per micro-batch: a NaN must stop every rank before any backward uses it
+            if not self.hooks.all_finite(math.isfinite(float(loss.detach()))):
+                raise self._diverged("the training loss", float(loss.detach()))
+            log.entries.extend(mb_log.entries)
+            loss_v += w * float(loss.detach())
+            ce_v += w * float(task_loss.detach())
+            aux_v += w * float(aux.detach())
+            for k, v in mb_extra.items():
+                extra[k] = extra.get(k, 0.0) + w * v
+            self.hooks.gradient_sync(self.model, i == len(batches) - 1)  # reduce once, after the last
+            (loss * w).backward()
         gnorm = float(self.hooks.clip_grad_norm(self.params, tc.grad_clip))
         if not math.isfinite(gnorm):
             raise self._diverged("the gradient norm", gnorm)
@@ -316,12 +388,26 @@ class Trainer:
         self.hooks.update_router_biases(log)
         self.step += 1
         layers = layer_stats(log.per_layer(routed_layers(log)))
-        rec = {"loss": loss_v, "ce": float(task_loss.detach()), **extra}
+        rec = {"loss": loss_v, "ce": ce_v, **extra}
         if self.hooks.world > 1:
             # each rank saw 1/world of the global batch: log the global-batch means, not rank 0's share
             rec = {k: self.hooks.mean(v) for k, v in rec.items()}
-        return {"kind": "train", "step": self.step, **rec, "aux": float(aux.detach()), "lr": lr, "grad_norm": gnorm,
-                "tokens": self.task.tokens(batch), "layers": layers}
+        return {"kind": "train", "step": self.step, **rec, "aux": aux_v, "lr": lr, "grad_norm": gnorm,
+                "tokens": sum(self.task.tokens(b) for b in batches), "layers": layers}
+
+    def _micro_weights(self, batches: list[Any]) -> list[float]:
+        """Per-micro-batch loss weights: token-mean losses become a mean over the step's global token count.
+
+        A task that counts its loss tokens (`loss_tokens`) gets weights n_i * world / N, N summed over every rank
+        and micro-batch (the reduction then averages over ranks), so padding-heavy micro-batches weigh less;
+        otherwise every micro-batch weighs 1 / accum (equal token counts, e.g. the language model).
+        """
+        count = getattr(self.task, "loss_tokens", None)
+        if count is None or len(batches) == 1:
+            return [1.0 / len(batches)] * len(batches)
+        local = [float(count(b)) for b in batches]
+        total = self.hooks.sum(sum(local))
+        return [n * self.hooks.world / total for n in local]
 
     # -------------------------------------------------------------------------------------------- loop
     def run(self, stop_at: int | None = None, cpu_limit_s: float = 0.0) -> TrainResult:
