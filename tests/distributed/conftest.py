@@ -53,4 +53,5 @@ def world2(ckpt_dir: Path, corpus: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def world4(world2: list[dict], ckpt_dir: Path) -> list[dict]:
     """Per-rank results of the 4-rank spawn (needs world2's checkpoints)."""
-    return run_world(combined_worker, 4, [4, 2], [("topk", 4), ("topk", 2), ("switch", 4)], str(ckpt_dir), True)
+    return run_world(combined_worker, 4, [4, 2], [("topk", 4), ("topk", 2), ("topk", 1), ("switch", 4)],
+                     str(ckpt_dir), True)

@@ -18,10 +18,12 @@ from moeflow import MoEConfig, MoELayer, moe_layers
 from moeflow.models import MoETransformer
 from moeflow.models.config import ModelConfig
 from moeflow.routing.log import record_routing
-from moeflow.parallel import (ParallelDims, all_to_all, allreduce_gradients, barrier_with_timeout, clip_grad_norm_,
-                              expert_parameters, gather_full_optimizer_state, gather_full_state_dict,
-                              init_distributed, is_main, load_full_optimizer_state, load_full_state_dict,
-                              parallelize, update_router_biases)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from moeflow.parallel import (ParallelDims, all_to_all, barrier_with_timeout, clip_grad_norm_, expert_parameters,
+                              init_distributed, parallelize, shard_model, update_router_biases)
 
 T_LOCAL, D = 12, 8
 CASES: dict[str, dict] = {
@@ -59,6 +61,21 @@ def _a2a_primitive(rank: int, world: int, dims) -> dict[str, float]:
             "a2a_bwd": float((x.grad - torch.cat(grad_expected)).abs().max()) if x.numel() else 0.0}
 
 
+def reference_reduce(layer: torch.nn.Module, dims: ParallelDims) -> None:
+    """The gradient convention FSDP2 implements, done by hand for a bare layer (the layer tests check the
+    dispatcher, not the reduction): replicated grads world mean; expert grads EDP sum / world."""
+    expert = {id(p) for p in expert_parameters(layer).values()}
+    for p in layer.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if id(p) in expert:
+            if dims.edp > 1:
+                torch.distributed.all_reduce(p.grad, group=dims.edp_group)
+        else:
+            torch.distributed.all_reduce(p.grad)
+        p.grad.div_(dims.world)
+
+
 def _layer_case(name: str, rank: int, world: int, dims, device: str = "cpu") -> dict[str, float]:
     """Max abs differences EP layer vs reference for one router case (tensors and weights on `device`)."""
     spec = dict(CASES[name])
@@ -83,7 +100,7 @@ def _layer_case(name: str, rank: int, world: int, dims, device: str = "cpu") -> 
     with record_routing() as log:
         y = layer(xl)
     ((y * g[rank]).sum() / T_LOCAL + layer.aux_loss).backward()
-    allreduce_gradients(layer, dims)
+    reference_reduce(layer, dims)
 
     out = {"y": float((y - y_ref[rank]).abs().max()),
            "x_grad": float((xl.grad - world * xr.grad[rank]).abs().max()),
@@ -153,14 +170,22 @@ def train_step(model, opt, ids: torch.Tensor, dims: ParallelDims) -> tuple[float
     logits = model(local[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), local[:, 1:].reshape(-1)) + model.aux_loss()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    allreduce_gradients(model, dims)
-    norm = clip_grad_norm_(model, dims, max_norm=0.5)
+    loss.backward()  # sharded: FSDP2 reduce-scatters here
+    norm = clip_grad_norm_([p for p in model.parameters()], dims, max_norm=0.5)
     opt.step()
     mean = loss.detach().clone()
     if dims.distributed:
         torch.distributed.all_reduce(mean)
     return float(mean) / dims.world, float(norm)
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    """Logical gradients (full [E, ...] experts) by parameter name; collective over every rank."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+    return out
 
 
 def probe_logits(model, ids: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -174,32 +199,33 @@ def probe_logits(model, ids: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
 
 
 def train_worker(rank: int, world: int, runs: list[tuple[str, int]], ckpt_dir: str, resume: bool) -> dict:
-    """From scratch: 3 steps, save (EP>1 runs), 4th step. Resume: load the world-2 EP=2 checkpoint, 4th step."""
+    """From scratch: 3 steps, a DCP save (EP>1 runs), 4th step. Resume: load the world-2 EP=2 DCP checkpoint into
+    this layout (DCP reshards), 4th step. Every run is FSDP2 over the (dp, ep) mesh."""
     data, out = make_data(), {}
     for router, ep in runs:
         dims = init_distributed(ep=ep, timeout_s=30)
-        model = parallelize(make_model(router, num_groups=1), dims)
+        model = shard_model(parallelize(make_model(router, num_groups=1), dims), dims)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         losses, norms = [], []
-        path = Path(ckpt_dir) / f"{router}.pt"
+        path = str(Path(ckpt_dir) / f"{router}.dcp")
         if resume:
-            state = torch.load(path, weights_only=False)
-            load_full_state_dict(model, state["model"], dims)
-            load_full_optimizer_state(model, opt, state["optim"], dims)
+            model_sd, optim_sd = get_state_dict(model, opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             for step in range(STEPS - 1):
                 loss, norm = train_step(model, opt, data[step], dims)
                 losses.append(loss)
                 norms.append(norm)
-            if ep > 1:
-                full = {"model": gather_full_state_dict(model, dims), "optim": gather_full_optimizer_state(model, opt,
-                                                                                                         dims)}
-                if is_main(dims):
-                    torch.save(full, path)
-                torch.distributed.barrier()
+            if ep > 1:  # every rank writes its own shards
+                model_sd, optim_sd = get_state_dict(model, opt)
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
         probe = probe_logits(model, data[STEPS], dims)
         loss, norm = train_step(model, opt, data[STEPS - 1], dims)
-        out[(router, ep)] = {"losses": losses + [loss], "norms": norms + [norm], "probe": probe}
+        grads = full_grads(model)
+        out[(router, ep)] = {"losses": losses + [loss], "norms": norms + [norm], "probe": probe,
+                             "grads": grads if rank == 0 else None}
     return out
 
 

@@ -2,7 +2,7 @@
 
 Each rank computes the single-process reference itself (same seed, same global batch, num_groups = world so
 that routing groups coincide with the ranks' local batches), then runs the EP layer on its slice and compares:
-output, every aux loss term (mean over ranks), every parameter gradient after `allreduce_gradients` (expert
+output, every aux loss term (mean over ranks), every parameter gradient after the reference reduction `reference_reduce` (expert
 gradients against the rank's slice of the reference), and the input gradient (ep_workers.parity_worker).
 Cases: dropless top-k with a shared expert, all tokens to one expert (zero splits), Switch with capacity
 (padded and variable splits), GShard top-2 with capacity, expert choice, hierarchical. The spawns are the

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from moeflow import MoEConfig, MoELayer
-from moeflow.parallel import (AllToAllDispatcher, ParallelConfigError, ParallelDims, WorkerError, allreduce_gradients,
-                              clip_grad_norm_, expert_parameters, gather_full_state_dict, hang_watchdog,
-                              init_distributed, is_main, load_full_state_dict, parallelize, spawn_local)
+from moeflow.parallel import (AllToAllDispatcher, ParallelConfigError, ParallelDims, WorkerError, check_layout,
+                              clip_grad_norm_, expert_parameters, hang_watchdog, init_distributed, is_main,
+                              parallelize, shard_model, shutdown, spawn_local)
 
 
 def test_groups_layout() -> None:
@@ -37,47 +37,62 @@ def test_experts_must_divide_over_ep() -> None:
         ParallelDims(world=4, ep=4).local_experts(6, "layers.0.ffn")
 
 
+@pytest.mark.parametrize("kw,msg", [
+    (dict(world=4, ep=2, dp=3), "dp=3 x ep=2 = 6, but 4 processes were launched; use dp=2"),
+    (dict(world=4, ep=3), "ep=3 must divide the world size 4"),
+    (dict(world=4, ep=4, num_experts=6), "num_experts=6 is not divisible by ep=4"),
+    (dict(world=4, ep=2, dp=0), "dp must be a positive integer")])
+def test_mesh_layout_errors_name_the_numbers(kw: dict, msg: str) -> None:
+    """check_layout (run by init_distributed before any rendezvous) names every number and the fix."""
+    with pytest.raises(ParallelConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        check_layout(**kw)
+
+
 def test_init_distributed_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without torchrun: world 1 works; asking for ep > 1 tells how to launch."""
+    """Without torchrun: the world-1 ("dp", "ep") mesh on a private one-rank group; ep > 1 tells how to launch."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    dims = init_distributed(ep=1)
-    assert (dims.world, dims.rank, dims.distributed) == (1, 0, False)
     with pytest.raises(ParallelConfigError, match="torchrun --nproc-per-node 2"):
         init_distributed(ep=2)
+    assert not torch.distributed.is_initialized()  # refused before creating anything
+    dims = init_distributed(ep=1)
+    try:
+        assert (dims.world, dims.rank, dims.distributed) == (1, 0, False)
+        assert dims.mesh.mesh_dim_names == ("dp", "ep") and tuple(dims.mesh.shape) == (1, 1)
+        assert dims.world_mesh.size() == 1
+    finally:
+        shutdown(dims)
+    assert not torch.distributed.is_initialized()
 
 
-def test_world1_is_the_identity() -> None:
-    """parallelize / allreduce / clip / gather / load with one process leave the model as a plain model."""
-    dims = ParallelDims(world=1, ep=1)
+def test_world1_mesh_runs_the_fsdp_path_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 on the world-1 mesh: same outputs, same gradients, clip_grad_norm_ = torch's on the plain model."""
+    from moeflow.models import MoETransformer
+    from moeflow.models.config import ModelConfig
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=6, ffn_hidden=8,
+                      moe=MoEConfig(d_model=8, d_hidden=6, num_experts=4, top_k=2))
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(d_model=8, d_hidden=6, num_experts=4, top_k=2)).double()
-    x = torch.randn(10, 8, dtype=torch.float64)
-    before = layer(x)
-    parallelize(layer, dims)
-    assert expert_parameters(layer) == {} and not isinstance(layer.dispatcher, AllToAllDispatcher)
-    y = layer(x)
-    torch.testing.assert_close(y, before, rtol=0, atol=0)
-    y.square().sum().backward()
-    allreduce_gradients(layer, dims)
-    grads = [p.grad.clone() for p in layer.parameters()]
-    expected = torch.nn.utils.get_total_norm(grads)
-    norm = clip_grad_norm_(layer, dims, max_norm=float(expected) / 2)
-    torch.testing.assert_close(norm, expected.float())
-    clipped = torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()])
-    assert float(clipped) == pytest.approx(float(expected) / 2, rel=1e-5)
-    state = gather_full_state_dict(layer, dims)
-    assert state is not None and set(state) == set(layer.state_dict())
-    load_full_state_dict(layer, state, dims)
-
-
-def test_load_rejects_a_checkpoint_of_another_shape() -> None:
-    """A checkpoint with a different expert count fails with both shapes in the message."""
-    dims = ParallelDims(world=1, ep=1)
-    layer = MoELayer(MoEConfig(d_model=8, d_hidden=6, num_experts=4, top_k=2))
-    state = MoELayer(MoEConfig(d_model=8, d_hidden=6, num_experts=8, top_k=2)).state_dict()
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        load_full_state_dict(layer, state, dims)
+    plain = MoETransformer(cfg).double()
+    sharded = MoETransformer(cfg).double()
+    sharded.load_state_dict(plain.state_dict())
+    dims = init_distributed(ep=1)
+    try:
+        shard_model(parallelize(sharded, dims), dims)
+        assert expert_parameters(sharded) == {}
+        ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(1))
+        for m in (plain, sharded):
+            m(ids).square().mean().backward()
+        expected = torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()])
+        norm = clip_grad_norm_(list(sharded.parameters()), dims, max_norm=float(expected) / 2)
+        torch.testing.assert_close(norm, expected.float())
+        scale = (float(expected) / 2) / (float(expected) + 1e-6)  # clip_grad_norm_'s factor, as torch's
+        for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad * scale, rtol=1e-9, atol=1e-15, msg=name)
+        with pytest.raises(ParallelConfigError, match="already sharded"):
+            shard_model(sharded, dims)
+    finally:
+        shutdown(dims)
 
 
 def test_dispatcher_rejects_unknown_mode() -> None:

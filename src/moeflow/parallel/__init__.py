@@ -34,10 +34,11 @@ from moeflow.parallel.groups import (ParallelConfigError, ParallelDims, check_la
                                      shutdown)
 from moeflow.parallel.hooks import DistributedHooks
 from moeflow.parallel.launch import WorkerError, spawn_local
-from moeflow.parallel.watchdog import PeerFailureError, barrier_with_timeout, collective_guard, hang_watchdog
+from moeflow.parallel.watchdog import (PeerFailureError, barrier_with_timeout, collective_guard, hang_watchdog,
+                                       step_guard)
 
 __all__ = ["ParallelDims", "ParallelConfigError", "check_layout", "init_distributed", "is_main", "shutdown",
            "parallelize", "shard_model", "clip_grad_norm_", "set_gradient_sync", "mixed_precision_policy",
            "expert_parameters", "AllToAllDispatcher", "EPDispatchPlan", "CommStats", "all_to_all", "exchange_counts",
            "DistributedHooks", "PeerFailureError", "barrier_with_timeout", "collective_guard", "hang_watchdog",
-           "spawn_local", "WorkerError", "update_router_biases"]
+           "spawn_local", "WorkerError", "update_router_biases", "step_guard"]

@@ -15,12 +15,13 @@ swapped in the all-to-all dispatcher) and before the optimizer is built:
 Gradient convention (DESIGN.md §4): each rank's loss is the mean over its tokens and the global loss is the mean of
 the rank losses. FSDP2 averages over the mesh it reduces on: for dense parameters that is every rank, which is the
 convention. An expert's local gradient already sums the contributions of its whole EP group (their tokens reached
-it through the all-to-all), so its reduce-scatter over `dp` must divide by the world size, not by dp: the expert
-units get `set_gradient_divide_factor(world)`, and gradients do not depend on the layout.
+it through the all-to-all), so after FSDP2's mean over `dp` it is divided by `ep` as well (a reduce hook on the
+expert units): the world mean, and gradients do not depend on the layout.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -62,6 +63,11 @@ def _annotate_experts(experts: nn.Module, dims: ParallelDims) -> None:
         setattr(experts, name, nn.Parameter(d, requires_grad=p.requires_grad))
 
 
+def _divide(factor: int, reduced: Tensor) -> None:
+    """In place: the FSDP2 hook that finishes the expert gradients' world mean (FSDP2 did the dp part)."""
+    reduced.div_(factor)
+
+
 def shard_model(model: nn.Module, dims: ParallelDims, precision: str = "fp32",
                 reshard_after_forward: bool = True) -> nn.Module:
     """Apply FSDP2 in place (see the module docstring); returns the model, now an `FSDPModule`.
@@ -80,7 +86,10 @@ def shard_model(model: nn.Module, dims: ParallelDims, precision: str = "fp32",
         if isinstance(layer.dispatcher, AllToAllDispatcher):
             _annotate_experts(layer.experts, dims)
             unit = fully_shard(layer.experts, mesh=dims.mesh["dp"], mp_policy=mp or MixedPrecisionPolicy(), **kw)
-            unit.set_gradient_divide_factor(float(dims.world))
+            # FSDP2 averages over dp; the remaining 1/ep is applied to the reduced shard. NOTE: not
+            # set_gradient_divide_factor(world): with a one-rank dp mesh and an fp64/fp16 reduce dtype, torch 2.13
+            # divides by that factor twice (_fsdp_collectives.py, the world_size == 1 branch); measured.
+            unit.set_all_reduce_hook(functools.partial(_divide, dims.ep))
         if mp is not None:  # routing in fp32 whatever the compute dtype (router logits decide discrete choices)
             fully_shard(layer.router, mesh=dims.world_mesh, mp_policy=fp32, **kw)
     for block in _blocks(model):

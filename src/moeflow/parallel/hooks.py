@@ -13,6 +13,7 @@ Everything here is collective: every rank must make the same calls in the same o
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from moeflow.parallel.apply import parallelize, update_router_biases
 from moeflow.parallel.fsdp import clip_grad_norm_, set_gradient_sync, shard_model
 from moeflow.parallel.groups import ParallelDims
-from moeflow.parallel.watchdog import barrier_with_timeout, collective_guard
+from moeflow.parallel.watchdog import barrier_with_timeout, collective_guard, step_guard
 from moeflow.routing.log import RoutingLog
 
 
@@ -47,6 +48,10 @@ class DistributedHooks:
     def begin_step(self, step: int) -> None:
         """Record the step about to run, so a PeerFailureError names it."""
         self.dims.step = step
+
+    def guard(self, what: str) -> AbstractContextManager[None]:
+        """Around forward/backward: a dead or hung peer inside FSDP2's own collectives becomes PeerFailureError."""
+        return step_guard(what, self.dims)
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """Off for gradient-accumulation micro-batches (gradients accumulate unreduced), on for the last one."""

@@ -63,6 +63,29 @@ def collective_guard(collective: str, dims: ParallelDims, timeout_s: float | Non
         raise PeerFailureError(collective, dims, time.monotonic() - t0, exc, timeout_s) from exc
 
 
+# what a backend's failure looks like from outside our own calls (FSDP2 issues its collectives itself)
+_BACKEND_MARKERS = ("gloo", "nccl", "connection closed", "timed out", "timeout", "processgroup", "c10d",
+                    "connection reset", "broken pipe")
+
+
+@contextmanager
+def step_guard(what: str, dims: ParallelDims) -> Iterator[None]:
+    """Like `collective_guard` around code that issues collectives we do not call ourselves (FSDP2's all-gathers
+    and reduce-scatters inside forward/backward): only backend failures become PeerFailureError, so a bug in
+    the model still raises as itself."""
+    t0 = time.monotonic()
+    try:
+        yield
+    except PeerFailureError:
+        raise
+    except dist.DistError as exc:
+        raise PeerFailureError(what, dims, time.monotonic() - t0, exc) from exc
+    except RuntimeError as exc:
+        if dims.distributed and any(m in str(exc).lower() for m in _BACKEND_MARKERS):
+            raise PeerFailureError(what, dims, time.monotonic() - t0, exc) from exc
+        raise
+
+
 def barrier_with_timeout(dims: ParallelDims, name: str = "barrier", timeout_s: float | None = None,
                          poll_s: float = 0.02) -> None:
     """Wait for every rank, at most `timeout_s` (default: the group timeout); the error names the missing ranks.

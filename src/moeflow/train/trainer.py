@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -63,6 +64,11 @@ class ParallelHooks(Protocol):
 
     def begin_step(self, step: int) -> None:
         """The 1-based step about to run (so that a failure in a collective can name it)."""
+        ...
+
+    def guard(self, what: str) -> AbstractContextManager[None]:
+        """Context around forward/backward that turns a peer's failure inside the framework's collectives into
+        the same error our own collectives raise."""
         ...
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
@@ -122,6 +128,10 @@ class LocalHooks:
 
     def begin_step(self, step: int) -> None:
         """Nothing to record."""
+
+    def guard(self, what: str) -> AbstractContextManager[None]:
+        """No peers to fail."""
+        return nullcontext()
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """Nothing to reduce: gradients simply accumulate."""
@@ -366,7 +376,7 @@ class Trainer:
         for i, (mb, w) in enumerate(zip(batches, weights)):
             # the forward runs inside the scope, backward after it: an activation-checkpoint recompute is not
             # recorded
-            with record_routing() as mb_log:
+            with record_routing() as mb_log, self.hooks.guard("forward (FSDP2 all-gather)"):
                 task_loss, mb_extra = self.task.loss(self.model, mb)
             aux = mb_log.aux_loss(task_loss.device) if tc.aux_loss else task_loss.new_zeros(())
             loss = task_loss + aux
@@ -380,7 +390,8 @@ class Trainer:
             for k, v in mb_extra.items():
                 extra[k] = extra.get(k, 0.0) + w * v
             self.hooks.gradient_sync(self.model, i == len(batches) - 1)  # reduce once, after the last
-            (loss * w).backward()
+            with self.hooks.guard("backward (FSDP2 all-gather/reduce-scatter)"):
+                (loss * w).backward()
         gnorm = float(self.hooks.clip_grad_norm(self.params, tc.grad_clip))
         if not math.isfinite(gnorm):
             raise self._diverged("the gradient norm", gnorm)
