@@ -41,7 +41,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world4(root: Path) -> list[dict]:
+def fsdp_world4(root: Path) -> list[dict]:
     """(2, 2) parity runs, then the fp32 save under (2, 2) and its resumes under (1, 4) and (4, 1)."""
     parity = run_world(parity_worker, 4, str(root), [(2, a, ac) for a, ac in CASES], timeout_s=300)
     resume = run_world(save_then_resume_worker, 4, str(root), [4, 1], timeout_s=300)
@@ -49,14 +49,15 @@ def world4(root: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def world2(root: Path) -> list[dict]:
+def fsdp_world2(root: Path) -> list[dict]:
     """(2, 1) and (1, 2) parity runs."""
-    return run_world(parity_worker, 2, str(root), [(ep, a, ac) for ep in (1, 2) for a, ac in CASES],
-                     timeout_s=300)
+    parity = run_world(parity_worker, 2, str(root), [(ep, a, ac) for ep in (1, 2) for a, ac in CASES],
+                       timeout_s=300)
+    return [{"parity": p} for p in parity]
 
 
 @pytest.fixture(scope="module")
-def world1(root: Path, world4: list[dict]) -> list[dict]:
+def fsdp_world1(root: Path, fsdp_world4: list[dict]) -> list[dict]:
     """One process on the FSDP2 path (world-1 mesh): parity runs and the resume of the (2, 2) checkpoint."""
     parity = run_world(parity_worker, 1, str(root), [(1, a, ac) for a, ac in CASES], timeout_s=200)
     resume = run_world(_resume_only, 1, str(root), timeout_s=200)
@@ -103,21 +104,21 @@ def test_losses_and_weights_do_not_depend_on_the_layout(layout: str, accum: int,
                                                          request: pytest.FixtureRequest) -> None:
     """Same fixed batches, any (dp, ep), with or without accumulation + activation checkpointing: same run."""
     world, ep = {"1 process": (1, 1), "dp=2 ep=1": (2, 1), "dp=1 ep=2": (2, 2), "dp=2 ep=2": (4, 2)}[layout]
-    results = request.getfixturevalue(f"world{world}")
+    results = request.getfixturevalue(f"fsdp_world{world}")
     _check_parity(results[0]["parity"][(ep, accum, ac)], accum, ac, root, layout)
 
 
 @pytest.mark.parametrize("layout", ["dp=1 ep=4", "dp=4 ep=1", "1 process (FSDP2)", "1 plain process"])
-def test_dcp_resume_across_layouts_is_bitwise(layout: str, root: Path, world4: list[dict],
+def test_dcp_resume_across_layouts_is_bitwise(layout: str, root: Path, fsdp_world4: list[dict],
                                               request: pytest.FixtureRequest) -> None:
     """Saved under (2, 2) at step 2: model and AdamW state load bit for bit under another layout."""
     folder = latest_folder(root / "resume" / DCP_NAME)
     assert folder is not None and read_meta(folder)["step"] == 2
     assert len(list(folder.glob("__*_0.distcp"))) == 4  # every rank wrote its own shards
     if layout.startswith("dp="):
-        got = world4[0]["resume"][{"dp=1 ep=4": 4, "dp=4 ep=1": 1}[layout]]
+        got = fsdp_world4[0]["resume"][{"dp=1 ep=4": 4, "dp=4 ep=1": 1}[layout]]
     elif layout == "1 process (FSDP2)":
-        got = request.getfixturevalue("world1")[0]["resume"]
+        got = request.getfixturevalue("fsdp_world1")[0]["resume"]
     else:
         t = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=4, ckpt_every=2)), root / "resume",
                     resume=True, progress=False)
