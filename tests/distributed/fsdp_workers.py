@@ -269,10 +269,14 @@ def nan_and_bf16_worker(rank: int, world: int, root: str) -> dict:
     bf16 = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=3, precision="bf16")), f"{root}/bf16",
                    hooks=hooks, progress=False)
     layer = bf16.model.layers[0].ffn
-    layer.router.register_forward_hook(lambda m, a, o: seen.setdefault("router_weight", str(m.weight.dtype)))
-    layer.experts.register_forward_hook(lambda m, a, o: seen.setdefault("experts_weight",
-                                                                         str(m.w_in.to_local().dtype)))
-    bf16.model.layers[0].register_forward_hook(lambda m, a, o: seen.setdefault("block_out", str(o.dtype)))
+
+    def note(key: str, value: object) -> None:  # forward hooks must return None (else they replace the output)
+        seen.setdefault(key, str(value))
+    # pre-hooks registered after FSDP2's: they see the unsharded (compute-dtype) parameters and the cast inputs
+    layer.router.register_forward_pre_hook(lambda m, a: note("router_weight", m.weight.dtype))
+    layer.router.register_forward_pre_hook(lambda m, a: note("router_in", a[0].dtype))
+    layer.experts.register_forward_pre_hook(lambda m, a: note("experts_weight", m.w_in.to_local().dtype))
+    bf16.model.layers[0].register_forward_hook(lambda m, a, o: note("block_out", o.dtype))
     bf16.run()
     fp32 = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=3)), f"{root}/fp32", hooks=hooks,
                    progress=False)

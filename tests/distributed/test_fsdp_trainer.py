@@ -26,6 +26,7 @@ from dist_harness import run_world
 from fsdp_workers import (FixedTask, Schedule, _bitwise, failure_worker, full_state, kill_during_save_worker,
                           make_model, metrics, nan_and_bf16_worker, parity_worker, save_then_resume_worker)
 
+from moeflow.train.checkpoint import load_checkpoint
 from moeflow.train.sharded_checkpoint import DCP_NAME, latest_folder, read_meta
 from moeflow.train.trainer import Trainer
 
@@ -141,21 +142,28 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(where: str, tmp_pat
     t = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=3, ckpt_every=1)), run_dir, resume=True,
                 progress=False)
     assert t.step == 1 and t.task.draw == 1
-    t.run()  # and the run finishes from there
-    assert latest_folder(root).name == "step-00000003"
-    assert not (root / "step-00000002").exists()  # the partial folder is cleaned up by the next commit
+    t.run()  # and the run finishes from there (one process: single-file checkpoints, the newer one wins)
+    assert load_checkpoint(run_dir)["step"] == 3
 
 
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_dead_or_hung_peer_under_fsdp2_raises_peer_failure(how: str, tmp_path: Path) -> None:
-    """Rank 1 dies in backward / hangs in forward at step 2: rank 0 raises PeerFailureError naming the step."""
+    """Rank 1 dies in backward / hangs in forward at step 2: rank 0 raises PeerFailureError naming the step.
+
+    Killed: rank 0's backward is waiting on FSDP2's reduce-scatter, which sees the closed connection. Hung (after
+    its block's all-gather was issued): rank 0 finishes the forward and waits in the next collective, the finite
+    check, until the 3 s group timeout."""
     t0 = time.monotonic()
     results = run_world(failure_worker, 2, how, str(tmp_path / "release"), str(tmp_path / "run"), timeout_s=120,
                         pg_timeout_s=3, may_die=[1])
     got = results[0]
     assert got["collective"] is not None, got["error"]
     assert got["step"] == 2 and "step 2" in got["error"], got
-    assert "FSDP2" in got["collective"] and "A peer process probably died or is stuck" in got["error"]
+    assert "A peer process probably died or is stuck" in got["error"]
+    if how == "killed":
+        assert got["collective"].startswith("backward (FSDP2"), got["collective"]
+    else:
+        assert got["elapsed"] >= 3 * 0.8, got  # only the group timeout can end the wait
     assert got["elapsed"] < 40, got
     assert time.monotonic() - t0 < 120
 
@@ -175,7 +183,8 @@ def test_nan_on_one_rank_stops_every_rank_on_the_same_step(nan_bf16: list[dict])
 def test_bf16_mixed_precision_keeps_routers_and_master_weights_fp32(nan_bf16: list[dict]) -> None:
     """Blocks compute in bf16, routers in fp32; parameters (and so AdamW state) stay fp32; losses track fp32."""
     got = nan_bf16[0]["bf16"]
-    assert got["seen"]["router_weight"] == "torch.float32" and got["seen"]["experts_weight"] == "torch.bfloat16"
+    assert got["seen"]["router_weight"] == got["seen"]["router_in"] == "torch.float32", got["seen"]
+    assert got["seen"]["experts_weight"] == "torch.bfloat16", got["seen"]
     assert got["seen"]["block_out"] == "torch.bfloat16"
     assert set(got["master"].values()) == {"torch.float32"}
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(got["fp32_losses"]), rtol=2e-2, atol=0)
