@@ -1,7 +1,7 @@
 """Expert-parallel MoE layer on 1, 2 and 4 local CPU ranks (gloo): all-to-all bytes and step time.
 
 For every world size W (one spawn each, EP = W, `tokens` tokens per rank: weak scaling, so ideal step time is
-flat) and every config it runs warmup + timed fwd+bwd+gradient-reduce steps of one MoELayer and prints:
+flat) and every config it runs warmup + timed fwd+bwd steps (FSDP2 reduce-scatter included) of one MoELayer:
 - step ms: median over steps of the slowest rank (ranks start each step together after a barrier);
 - KiB/a2a: bytes each rank sends to OTHER ranks in one token all-to-all (mean over ranks and steps), measured
   from the dispatcher's actual split sizes (metadata included for dedup). A step makes 4 such exchanges per MoE
@@ -33,7 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moeflow import MoEConfig, MoELayer  # noqa: E402
-from moeflow.parallel import allreduce_gradients, init_distributed, parallelize, spawn_local  # noqa: E402
+from moeflow.parallel import init_distributed, parallelize, shard_model, spawn_local  # noqa: E402
 
 # (label, MoEConfig overrides, dispatcher mode)
 CONFIGS = [
@@ -73,7 +73,7 @@ def bench_worker(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     for label, over, mode in CONFIGS:
         torch.manual_seed(0)
         cfg = MoEConfig(d_model=args.d_model, d_hidden=args.d_hidden, num_experts=args.experts, **over)
-        layer = parallelize(MoELayer(cfg), dims, mode=mode)
+        layer = shard_model(parallelize(MoELayer(cfg), dims, mode=mode), dims)  # FSDP2 reduces in backward
         x = torch.randn(args.tokens, args.d_model, generator=torch.Generator().manual_seed(100 + rank))
         times, measured, implied, ranks, rows = [], [], [], [], []
         for step in range(args.warmup + args.steps):
@@ -82,7 +82,6 @@ def bench_worker(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
             t0 = time.perf_counter()
             y = layer(x)
             (y.square().mean() + layer.aux_loss).backward()
-            allreduce_gradients(layer, dims)
             elapsed = time.perf_counter() - t0
             layer.zero_grad(set_to_none=True)
             if step < args.warmup:

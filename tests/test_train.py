@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import math
 from pathlib import Path
 
@@ -300,23 +301,69 @@ class CountingHooks(LocalHooks):
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
 
-    def wrap_model(self, model):  # type: ignore[no-untyped-def]
+    def wrap_model(self, model, precision="fp32"):  # type: ignore[no-untyped-def]
         self._count("wrap_model")
         return model
 
-    def reduce_gradients(self, model):  # type: ignore[no-untyped-def]
-        self._count("reduce_gradients")
+    def gradient_sync(self, model, enabled):  # type: ignore[no-untyped-def]
+        self._count(f"gradient_sync({enabled})")
 
-    def full_state_dict(self, model):  # type: ignore[no-untyped-def]
-        self._count("full_state_dict")
-        return model.state_dict()
+    def state_dicts(self, model, optimizer, full=False):  # type: ignore[no-untyped-def]
+        self._count(f"state_dicts(full={full})")
+        return super().state_dicts(model, optimizer, full)
 
 
 def test_trainer_calls_the_parallel_hooks(tmp_path: Path, text_file: Path) -> None:
     hooks = CountingHooks()
     res = lm_trainer(tiny_cfg(text_file), tmp_path / "r", hooks=hooks, progress=False).run()
-    assert hooks.calls == {"wrap_model": 1, "reduce_gradients": 8, "full_state_dict": 2}
+    assert hooks.calls == {"wrap_model": 1, "gradient_sync(True)": 8, "state_dicts(full=True)": 2}
     assert res.step == 8 and math.isfinite(res.val_loss)
+
+
+def test_gradient_accumulation_syncs_only_the_last_micro_batch(tmp_path: Path, text_file: Path) -> None:
+    """grad_accum=3: three micro-batches per step, the reduction enabled for the last one only; tokens/s counts
+    all three."""
+    hooks = CountingHooks()
+    cfg = apply_overrides(tiny_cfg(text_file), {"train.grad_accum": 3, "train.steps": 2})
+    lm_trainer(cfg, tmp_path / "r", hooks=hooks, progress=False).run()
+    assert hooks.calls["gradient_sync(False)"] == 4 and hooks.calls["gradient_sync(True)"] == 2
+    rec = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["tokens"] == 3 * cfg.train.batch_size * cfg.train.seq_len
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    ({"train.precision": "fp8"}, "train.precision='fp8' is unknown; use fp32 or bf16"),
+    ({"train.grad_accum": 0}, "train.grad_accum"),
+])
+def test_scale_out_fields_are_validated(overrides: dict, msg: str, text_file: Path) -> None:
+    """Bad values name the key."""
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        apply_overrides(tiny_cfg(text_file), overrides)
+
+
+def test_bf16_on_a_plain_process_says_how_to_get_fsdp2(tmp_path: Path, text_file: Path) -> None:
+    """Mixed precision runs through FSDP2: without torchrun the error says to launch with --nproc-per-node 1."""
+    cfg = apply_overrides(tiny_cfg(text_file), {"train.precision": "bf16"})
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 1"):
+        lm_trainer(cfg, tmp_path / "r", progress=False)
+
+
+def test_activation_checkpointing_and_compile_fields(tmp_path: Path, text_file: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """activation_checkpointing reaches the model; compile falls back to eager with a message when unavailable."""
+    import io
+
+    import moeflow.train.compile as comp
+    cfg = apply_overrides(tiny_cfg(text_file), {"train.activation_checkpointing": True, "train.compile": True,
+                                                "train.steps": 1})
+    monkeypatch.setattr(comp, "compile_unavailable_reason", lambda: "no C++ compiler (test)")
+    out = io.StringIO()
+    t = lm_trainer(cfg, tmp_path / "r", progress=False, stream=out)
+    assert t.model.activation_checkpointing is True
+    assert "train.compile: no C++ compiler (test); training without compilation" in out.getvalue()
+    t.run()
+    with pytest.raises(ConfigError, match="has no per-block activation checkpointing"):
+        comp.apply_activation_checkpointing(torch.nn.Linear(2, 2), True)
 
 
 def test_dense_preset_trains_and_logs_no_routing(tmp_path: Path, text_file: Path) -> None:
