@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from moeflow.config import ACTIVATIONS, GATED
 from moeflow.ops.rows import TokenRows
-from moeflow.ops.threads import ExpertPool
+from moeflow.ops.threads import WorkerPool
 from moeflow.ops.tuning import tuning
 
 
@@ -183,7 +183,7 @@ def _storage_users(t: Tensor) -> int:
         return 1 << 30
 
 
-def _run(pool: ExpertPool | None, work: Callable[[int], None], costs: list[int], x: Tensor) -> None:
+def _run(pool: WorkerPool | None, work: Callable[[int], None], costs: list[int], x: Tensor) -> None:
     """The experts' work items: on the pool when there is one and the work is big enough, else inline."""
     if pool is None:
         for i, c in enumerate(costs):
@@ -205,7 +205,7 @@ class _GroupedMLP(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
                 w_R: Tensor | None, splits: list[int], activation: str, keep: bool,
                 grad_buffers: GradBuffers | None, tokens: TokenRows | None,
-                pool: ExpertPool | None) -> Tensor:
+                pool: WorkerPool | None) -> Tensor:
         """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T (times w per row if given); `keep`: save h.
 
         With `tokens`, x is token-major [T, D]: each chunk gathers its rows itself and the rows' outputs are
@@ -280,7 +280,7 @@ class _GroupedMLP(torch.autograd.Function):
 
 def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
                 grad_buffers: GradBuffers | None = None, row_weights: Tensor | None = None,
-                tokens: TokenRows | None = None, pool: ExpertPool | None = None) -> Tensor:
+                tokens: TokenRows | None = None, pool: WorkerPool | None = None) -> Tensor:
     """Expert e's FFN on its block of rows, fused and chunked, with a hand-written backward: [R, D] -> [R, D].
 
     Args:
@@ -294,7 +294,7 @@ def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int
         tokens: the dispatch's token <-> row map. Given, the experts read row r from x[tokens.token_ids_R[r]]
             and return each token's summed rows, [T, D]: dispatch, experts and combine in one op, with no [R, D]
             copy of the inputs (forward) or of the output gradient (backward).
-        pool: the owning module's ExpertPool, to run the experts on its single-threaded workers (None: inline).
+        pool: the owning module's WorkerPool, to run the experts on its single-threaded workers (None: inline).
     """
     gated = activation in GATED
     if activation not in ACTIVATIONS:
