@@ -218,13 +218,14 @@ class _GroupedMLP(torch.autograd.Function):
         read = _row_reader(x, tokens)
 
         costs = _costs(blocks, w_in_EFD)
+        w_in_E, w_out_E = w_in_EFD.unbind(0), w_out_EDH.unbind(0)  # every expert's view in one call each
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s FFN, chunk by chunk, into its rows of y."""
             e, spans = blocks[i]
             for lo, hi in spans:
-                h = _chunk_forward(read(lo, hi), w_in_EFD[e], w_out_EDH[e], y_RD[lo:hi],
-                                  None if w_R is None else w_R[lo:hi], activation)
+                h = _chunk_forward(read(lo, hi), w_in_E[e], w_out_E[e], y_RD[lo:hi],
+                                   None if w_R is None else w_R[lo:hi], activation)
                 if keep:
                     h_blocks[i].append(h)
 
@@ -257,16 +258,19 @@ class _GroupedMLP(torch.autograd.Function):
             first_chunk.append(first_chunk[-1] + len(spans))
 
         costs = _costs(blocks, w_in_EFD)
+        w_in_E, w_out_E = w_in_EFD.unbind(0), w_out_EDH.unbind(0)
+        gw_in_E = None if gw_in is None else gw_in.unbind(0)
+        gw_out_E = None if gw_out is None else gw_out.unbind(0)
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s gradients; its weight gradients summed over its chunks."""
             e, spans = blocks[i]
             for j, (lo, hi) in enumerate(spans):
-                _chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_EFD[e],
-                               w_out_EDH[e], None if w_R is None else w_R[lo:hi],
-                               None if gw_R is None else gw_R[lo:hi], None if gw_in is None else gw_in[e],
-                               None if gw_out is None else gw_out[e], None if gx_RD is None else gx_RD[lo:hi],
-                               j > 0, ctx.activation)
+                _chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_E[e],
+                                w_out_E[e], None if w_R is None else w_R[lo:hi],
+                                None if gw_R is None else gw_R[lo:hi], None if gw_in_E is None else gw_in_E[e],
+                                None if gw_out_E is None else gw_out_E[e],
+                                None if gx_RD is None else gx_RD[lo:hi], j > 0, ctx.activation)
 
         _run(ctx.pool, expert, costs, x)
         for e, n in enumerate(ctx.splits):
