@@ -41,9 +41,9 @@ from torch import Tensor, nn  # noqa: E402
 
 from moeflow import MoEConfig, MoELayer  # noqa: E402
 from moeflow.ops.grouped_mlp import GradBuffers  # noqa: E402
-from moeflow.ops.threads import ExpertPool  # noqa: E402
+from moeflow.ops.threads import WorkerPool  # noqa: E402
 
-_POOL = ExpertPool()  # the gemms floor runs on a pool like the experts' own (as many workers as threads)
+_POOL = WorkerPool()  # the gemms floor runs on a pool like the experts' own (as many workers as threads)
 
 
 @dataclass(frozen=True)

@@ -363,3 +363,5 @@ def test_logits_finite_catches_any_single_bad_logit(bad) -> None:
     assert non_finite_flag(logits).tolist() == [0] == non_finite_flag(torch.zeros(0, 8)).tolist()
     logits[37, 5] = bad
     assert not logits_finite(logits) and non_finite_flag(logits).tolist() == [1]
+    logits[38, 5] = -bad  # +inf and -inf together sum to NaN: still caught
+    assert not logits_finite(logits)

@@ -1,4 +1,4 @@
-"""The experts' worker pool (ExpertPool): same results as one thread, caller's modes and threads, errors, fork.
+"""The experts' worker pool (WorkerPool): same results as one thread, caller's modes and threads, errors, fork.
 
 The autouse `one_thread` fixture sets one intra-op thread, which makes every kernel run inline; tests here that
 mean to exercise the pool set two threads themselves (and lower the work threshold where a kernel has one).
@@ -17,10 +17,11 @@ import torch
 from moeflow import MoEConfig, MoELayer
 from reference import activation as activate
 from moeflow.ops.grouped_mlp import grouped_mlp
-from moeflow.ops.threads import ExpertPool
+from moeflow.ops.noise import PIECE, uniform_like
+from moeflow.ops.threads import WorkerPool
 from moeflow.ops.tuning import cpu_tuning
 
-POOL = ExpertPool()  # follows torch's thread count
+POOL = WorkerPool()  # follows torch's thread count
 
 
 def parallel_items(work, costs, min_cost: int = 0, cpu: bool = True) -> None:
@@ -180,17 +181,17 @@ def test_pool_size_is_explicit_and_never_changes_the_callers_threads() -> None:
             names.add(threading.current_thread().name)
 
     torch.set_num_threads(1)
-    ExpertPool(None).run(work, [1, 1, 1, 1])
+    WorkerPool(None).run(work, [1, 1, 1, 1])
     assert names == {threading.current_thread().name}
     names.clear()
-    pool = ExpertPool(2)
+    pool = WorkerPool(2)
     for _ in range(20):  # two workers share a queue: over 20 rounds both take items
         pool.run(lambda i: (work(i), __import__("time").sleep(0.001)), [1, 1, 1, 1])
     assert len(names) == 2 and all(n.startswith("moeflow-expert") for n in names)
     assert torch.get_num_threads() == 1
     pool.close()
     with pytest.raises(ValueError, match="workers=0 must be >= 1"):
-        ExpertPool(0)
+        WorkerPool(0)
 
 
 def test_layers_own_their_pool_sized_by_config_and_copies_start_idle() -> None:
@@ -208,6 +209,22 @@ def test_layers_own_their_pool_sized_by_config_and_copies_start_idle() -> None:
     assert y.shape == (16, 8)
     with pytest.raises(Exception, match="cpu_workers"):
         MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=2, cpu_workers=0)
+
+
+def test_uniform_like_is_seeded_and_independent_of_the_pool() -> None:
+    """Parallel pieces: in range, fixed by torch.manual_seed, the same with no pool and with 2 workers, and no
+    two pieces equal."""
+    x = torch.empty(3, PIECE + 5)
+
+    def draw(pool: WorkerPool | None) -> torch.Tensor:
+        torch.manual_seed(7)
+        return uniform_like(x, 0.9, 1.1, pool)
+
+    a, b, c = draw(WorkerPool(2)), draw(WorkerPool(2)), draw(None)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert a.min() >= 0.9 and a.max() <= 1.1 and abs(a.mean().item() - 1.0) < 1e-3
+    flat = a.view(-1)
+    assert not torch.equal(flat[:PIECE], flat[PIECE:2 * PIECE])
 
 
 def _child(q) -> None:

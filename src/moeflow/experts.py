@@ -15,7 +15,7 @@ from moeflow.config import GATED, MoEConfig
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, activate, grouped_mlp
 from moeflow.ops.rows import ExpertRows
-from moeflow.ops.threads import ExpertPool
+from moeflow.ops.threads import WorkerPool
 
 
 def _local(w: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ class GroupedExperts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, f, d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
         self.grad_buffers = GradBuffers()  # weight-gradient memory reused across steps (see GradBuffers)
-        self.pool = ExpertPool(cpu_workers)
+        self.pool = WorkerPool(cpu_workers)
         self.reset_parameters()
 
     @classmethod

@@ -34,7 +34,7 @@ from moeflow.layers import RecordsRouting
 from moeflow.ops.grouped import grouped_linear, resolve_impl
 from moeflow.ops.grouped_mlp import GradBuffers, grouped_mlp
 from moeflow.ops.rows import ExpertRows
-from moeflow.ops.threads import ExpertPool
+from moeflow.ops.threads import WorkerPool
 from moeflow.routing import Routing
 from moeflow.routing.deepseek import update_balance_bias
 from moeflow.routing.log import log_routing
@@ -68,7 +68,7 @@ class PatchedMoE(RecordsRouting, nn.Module):
         self.dispatcher = LocalDispatcher()
         self.last_routing: Routing | None = None
         self.grad_buffers = GradBuffers()  # expert weight-gradient memory reused across steps (CPU)
-        self.pool = ExpertPool()  # the experts' CPU workers (as many as torch's threads)
+        self.pool = WorkerPool()  # the experts' CPU workers (as many as torch's threads)
         self.jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0)  # Mixtral: noise on the whole MoE input
         for name, child in block.named_children():
             setattr(self, name, child)  # gate/router, experts, shared_expert(s), shared_expert_gate

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from moeflow.config import ACTIVATIONS, GATED
 from moeflow.ops.rows import TokenRows
-from moeflow.ops.threads import ExpertPool
+from moeflow.ops.threads import WorkerPool
 from moeflow.ops.tuning import tuning
 
 
@@ -183,7 +183,7 @@ def _storage_users(t: Tensor) -> int:
         return 1 << 30
 
 
-def _run(pool: ExpertPool | None, work: Callable[[int], None], costs: list[int], x: Tensor) -> None:
+def _run(pool: WorkerPool | None, work: Callable[[int], None], costs: list[int], x: Tensor) -> None:
     """The experts' work items: on the pool when there is one and the work is big enough, else inline."""
     if pool is None:
         for i, c in enumerate(costs):
@@ -205,7 +205,7 @@ class _GroupedMLP(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor,  # type: ignore[override]
                 w_R: Tensor | None, splits: list[int], activation: str, keep: bool,
                 grad_buffers: GradBuffers | None, tokens: TokenRows | None,
-                pool: ExpertPool | None) -> Tensor:
+                pool: WorkerPool | None) -> Tensor:
         """y[block e] = act(x[block e] @ w_in[e]^T) @ w_out[e]^T (times w per row if given); `keep`: save h.
 
         With `tokens`, x is token-major [T, D]: each chunk gathers its rows itself and the rows' outputs are
@@ -218,13 +218,14 @@ class _GroupedMLP(torch.autograd.Function):
         read = _row_reader(x, tokens)
 
         costs = _costs(blocks, w_in_EFD)
+        w_in_E, w_out_E = w_in_EFD.unbind(0), w_out_EDH.unbind(0)  # every expert's view in one call each
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s FFN, chunk by chunk, into its rows of y."""
             e, spans = blocks[i]
             for lo, hi in spans:
-                h = _chunk_forward(read(lo, hi), w_in_EFD[e], w_out_EDH[e], y_RD[lo:hi],
-                                  None if w_R is None else w_R[lo:hi], activation)
+                h = _chunk_forward(read(lo, hi), w_in_E[e], w_out_E[e], y_RD[lo:hi],
+                                   None if w_R is None else w_R[lo:hi], activation)
                 if keep:
                     h_blocks[i].append(h)
 
@@ -257,16 +258,19 @@ class _GroupedMLP(torch.autograd.Function):
             first_chunk.append(first_chunk[-1] + len(spans))
 
         costs = _costs(blocks, w_in_EFD)
+        w_in_E, w_out_E = w_in_EFD.unbind(0), w_out_EDH.unbind(0)
+        gw_in_E = None if gw_in is None else gw_in.unbind(0)
+        gw_out_E = None if gw_out is None else gw_out.unbind(0)
 
         def expert(i: int) -> None:
             """Expert blocks[i]'s gradients; its weight gradients summed over its chunks."""
             e, spans = blocks[i]
             for j, (lo, hi) in enumerate(spans):
-                _chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_EFD[e],
-                               w_out_EDH[e], None if w_R is None else w_R[lo:hi],
-                               None if gw_R is None else gw_R[lo:hi], None if gw_in is None else gw_in[e],
-                               None if gw_out is None else gw_out[e], None if gx_RD is None else gx_RD[lo:hi],
-                               j > 0, ctx.activation)
+                _chunk_backward(read_g(lo, hi), read_x(lo, hi), h_chunks[first_chunk[i] + j], w_in_E[e],
+                                w_out_E[e], None if w_R is None else w_R[lo:hi],
+                                None if gw_R is None else gw_R[lo:hi], None if gw_in_E is None else gw_in_E[e],
+                                None if gw_out_E is None else gw_out_E[e],
+                                None if gx_RD is None else gx_RD[lo:hi], j > 0, ctx.activation)
 
         _run(ctx.pool, expert, costs, x)
         for e, n in enumerate(ctx.splits):
@@ -280,7 +284,7 @@ class _GroupedMLP(torch.autograd.Function):
 
 def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int], activation: str = "swiglu",
                 grad_buffers: GradBuffers | None = None, row_weights: Tensor | None = None,
-                tokens: TokenRows | None = None, pool: ExpertPool | None = None) -> Tensor:
+                tokens: TokenRows | None = None, pool: WorkerPool | None = None) -> Tensor:
     """Expert e's FFN on its block of rows, fused and chunked, with a hand-written backward: [R, D] -> [R, D].
 
     Args:
@@ -294,7 +298,7 @@ def grouped_mlp(x: Tensor, w_in_EFD: Tensor, w_out_EDH: Tensor, splits: list[int
         tokens: the dispatch's token <-> row map. Given, the experts read row r from x[tokens.token_ids_R[r]]
             and return each token's summed rows, [T, D]: dispatch, experts and combine in one op, with no [R, D]
             copy of the inputs (forward) or of the output gradient (backward).
-        pool: the owning module's ExpertPool, to run the experts on its single-threaded workers (None: inline).
+        pool: the owning module's WorkerPool, to run the experts on its single-threaded workers (None: inline).
     """
     gated = activation in GATED
     if activation not in ACTIVATIONS:

@@ -33,7 +33,7 @@ def _init_worker(barrier: threading.Barrier) -> None:
     barrier.wait()
 
 
-class ExpertPool:
+class WorkerPool:
     """Runs work items on `workers` single-threaded threads, largest first, from a shared queue.
 
     Threads start on first use and are re-created after a fork (they do not exist in a child process). Copies and
@@ -43,7 +43,7 @@ class ExpertPool:
     def __init__(self, workers: int | None = None) -> None:
         """`workers`: threads to use (1: always inline); None follows torch.get_num_threads() at each call."""
         if workers is not None and workers < 1:
-            raise ValueError(f"ExpertPool: workers={workers} must be >= 1 (or None to follow torch's threads)")
+            raise ValueError(f"WorkerPool: workers={workers} must be >= 1 (or None to follow torch's threads)")
         self.workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._size, self._pid = 0, 0
@@ -125,8 +125,8 @@ class ExpertPool:
         self.__init__(state["workers"])  # type: ignore[misc]
 
     def __repr__(self) -> str:
-        """ExpertPool(workers=...)."""
-        return f"ExpertPool(workers={self.workers})"
+        """WorkerPool(workers=...)."""
+        return f"WorkerPool(workers={self.workers})"
 
 
 @contextmanager
@@ -146,4 +146,4 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["ExpertPool", "cpu_threads"]
+__all__ = ["WorkerPool", "cpu_threads"]
