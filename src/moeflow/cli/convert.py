@@ -1,9 +1,13 @@
-"""`moeflow convert SRC DST`: Hugging Face folder <-> moeflow model folder (or a training run -> HF folder).
+"""`moeflow convert SRC DST`: Hugging Face folder <-> moeflow model folder (or a training run -> HF folder), and a
+training run's sharded checkpoint <-> single-file checkpoint.
 
 SRC may be an HF folder (config.json + *.safetensors), a moeflow model folder (moeflow.json + model.safetensors,
-as written by this command), or a training run folder / checkpoint.pt written by `moeflow train`. DST is written
-as a moeflow folder (`--to moeflow`, the default for an HF source) or an HF folder (`--to hf`, the default for the
-other sources) that `transformers` loads with from_pretrained.
+as written by this command), or a training run folder / checkpoint.pt / checkpoint.dcp written by `moeflow train`
+(a run under torchrun writes the sharded checkpoint.dcp; the newer of the two is read). DST is written as a
+moeflow folder (`--to moeflow`, the default for an HF source) or an HF folder (`--to hf`, the default for the
+other sources) that `transformers` loads with from_pretrained. For training runs, `--to single` writes
+DST/checkpoint.pt (weights, optimizer state, step, data and RNG state) and `--to dcp` writes DST/checkpoint.dcp;
+both copy the run's config.json, so `moeflow train --resume DST` continues the run (on any layout).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="HF folder, moeflow folder, or training run folder / checkpoint.pt")
     p.add_argument("dst", type=Path, help="output folder (created)")
-    p.add_argument("--to", choices=("moeflow", "hf"), default=None,
-                   help="output format (default: moeflow for an HF source, hf otherwise)")
+    p.add_argument("--to", choices=("moeflow", "hf", "single", "dcp"), default=None,
+                   help="output format (default: moeflow for an HF source, hf otherwise); single / dcp: a "
+                        "training run's full checkpoint as one file / as a sharded DCP checkpoint")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast the weights (default: keep)")
     p.add_argument("--arch", choices=ARCHS, default=None,
                    help="HF architecture to write (default: the source's, or the one the model matches)")
@@ -67,10 +72,40 @@ def load_any(src: Path) -> tuple[nn.Module, str]:
         return load_moeflow(src), "moeflow"
     if (src / "config.json").is_file() and any(src.glob("*.safetensors")):
         return load_hf(src), "hf"
-    if src.suffix == ".pt" or (src / "checkpoint.pt").is_file():
+    if _is_training_run(src):
         return _load_training_run(src), "train"
     raise FileNotFoundError(f"{src}: not an HF folder (config.json + *.safetensors), a moeflow folder "
-                            f"({MOEFLOW_CONFIG}) or a training run (checkpoint.pt)")
+                            f"({MOEFLOW_CONFIG}) or a training run (checkpoint.pt or checkpoint.dcp)")
+
+
+def _is_training_run(src: Path) -> bool:
+    """A checkpoint.pt, a checkpoint.dcp folder, or a run folder holding either."""
+    return (src.suffix == ".pt" or src.name == "checkpoint.dcp" or (src / "checkpoint.pt").is_file()
+            or (src / "checkpoint.dcp").is_dir())
+
+
+def _convert_checkpoint(src: Path, dst: Path, to: str) -> str:
+    """A training run's checkpoint rewritten as one file or as a DCP folder under `dst`; returns a summary."""
+    import shutil
+
+    from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_torch_save, load_checkpoint
+    from moeflow.train.sharded_checkpoint import DCP_NAME, write_sharded_from_full
+
+    if not _is_training_run(src):
+        raise FileNotFoundError(f"{src}: --to {to} converts a training run (checkpoint.pt or checkpoint.dcp); "
+                                "use --to hf / --to moeflow for model folders")
+    ckpt = load_checkpoint(src)
+    if (dst / CHECKPOINT_NAME).exists() or (dst / DCP_NAME).exists():
+        raise CheckpointError(f"{dst} already holds a checkpoint; pick an empty destination")
+    dst.mkdir(parents=True, exist_ok=True)
+    run = src.parent if (src.suffix == ".pt" or src.name == DCP_NAME) else src
+    if (run / "config.json").is_file():
+        shutil.copyfile(run / "config.json", dst / "config.json")
+    if to == "single":
+        atomic_torch_save(ckpt, dst / CHECKPOINT_NAME)
+        return f"{dst / CHECKPOINT_NAME} (step {ckpt['step']})"
+    folder = write_sharded_from_full(ckpt, dst / DCP_NAME)
+    return f"{folder} (step {ckpt['step']})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +113,15 @@ def run(args: argparse.Namespace) -> int:
     from moeflow.train.checkpoint import CheckpointError
 
     t0 = time.perf_counter()
+    if args.to in ("single", "dcp"):
+        try:
+            where = _convert_checkpoint(args.src, args.dst, args.to)
+        except (FileNotFoundError, KeyError, ValueError, CheckpointError) as e:
+            print(f"moeflow convert: {e}", file=sys.stderr)
+            return 2
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"train {args.src} -> {args.to} {where}: {time.perf_counter() - t0:.1f}s, peak RSS {peak_mb:.0f} MB")
+        return 0
     try:
         model, kind = load_any(args.src)
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as e:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,9 @@ def read_full(folder: str | Path) -> dict[str, Any]:
             flat[key] = torch.empty(item.size, dtype=item.properties.dtype)
         elif isinstance(item, BytesStorageMetadata):
             flat[key] = None
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(flat, storage_reader=reader, no_dist=True)
     return _unflatten(flat, md.planner_data)
 
 
@@ -141,6 +144,25 @@ def read_full_checkpoint(root: str | Path, newer_than: str | Path | None = None,
     full = read_full(folder)
     model = {k: v.to(map_location) for k, v in full["model"].items()}
     return {**meta, "model": model, "optimizer": full["optim"]}
+
+
+def write_sharded_from_full(ckpt: dict[str, Any], root: str | Path) -> Path:
+    """One process: write a single-file checkpoint's dict (`load_checkpoint`'s) as a committed DCP checkpoint.
+
+    The tensors are stored whole (one shard file); DCP reshards them on load like any other sharded checkpoint,
+    so `moeflow train --resume` under torchrun continues from it on any layout.
+    """
+    root = Path(root)
+    if latest_folder(root) is not None if root.exists() else False:
+        raise CheckpointError(f"{root} already holds a sharded checkpoint; pick an empty destination")
+    folder = root / f"step-{int(ckpt['step']):08d}"
+    root.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # DCP warns that it saves from one process: that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": ckpt["model"], "optim": ckpt["optimizer"]}, checkpoint_id=str(folder), no_dist=True)
+    atomic_torch_save({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}, folder / META)
+    _commit(root, folder)
+    return folder
 
 
 def _unflatten(flat: dict[str, Any], mapping: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
@@ -165,4 +187,4 @@ def _lists(node: Any) -> Any:
 
 
 __all__ = ["DCP_NAME", "latest_folder", "save_sharded", "read_meta", "load_sharded", "read_full",
-           "read_full_checkpoint"]
+           "read_full_checkpoint", "write_sharded_from_full"]
