@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layer.py"
 ROW = re.compile(r"^(?P<cfg>[A-D])\s+(?P<impl>\S+)\s+(?P<fwd>[\d.]+)\s+(?P<full>[\d.]+)\s+(?P<dense>[\d.]+) \([\d.]+\)"
                  r"\s+(?P<naive>[\d.]+) \([\d.]+\)\s+(?P<peak>\d+|-)$")
@@ -35,3 +37,22 @@ def test_layer_benchmark_quick_runs_and_prints_the_table() -> None:
     scaling = re.findall(r"^([AC])\s+moe\[(\w+)\]\s+T:\s+\d+ MB\s+2T:\s+\d+ MB\s+ratio\s+(?:[\d.]+|-)\s+"
                          r"\[T, E, C\] mask: \d+ -> \d+ MB$", res.stdout, re.M)
     assert sorted(scaling) == [("A", "bmm"), ("A", "loop"), ("C", "bmm"), ("C", "loop")]
+
+
+def test_scale_benchmark_quick_prints_shard_ratios() -> None:
+    """benchmarks/scale.py --quick (tiny preset, layouts 1x1, 2x1, 1x2): every rank's dense and expert memory is
+    half of world 1's, and rank 0 reports a save time and its memory rise during the save."""
+    script = SCRIPT.parent / "scale.py"
+    res = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    row = re.compile(r"^\s*(\d) x (\d)\s+(\d)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+([\d.]+)\s+\S+\s+\d+\s+\d+\s+([\d.]+)"
+                     r"(?:\s+([\d.]+))?\s*$")
+    rows = [m.groups() for line in res.stdout.splitlines() if (m := row.match(line))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("1", "1", "0"), ("2", "1", "0"), ("2", "1", "1"),
+                                                  ("1", "2", "0"), ("1", "2", "1")]
+    for dp, ep, rank, dense, expert, save_s, save_mb in rows:
+        want = 1.0 / (int(dp) * int(ep))
+        assert float(dense) == pytest.approx(want, abs=0.01) and float(expert) == pytest.approx(want, abs=0.01)
+        assert float(save_s) > 0 and (save_mb is not None) == (rank == "0")
+    assert "load average before:" in res.stdout and "load average after:" in res.stdout

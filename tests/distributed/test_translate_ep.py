@@ -38,7 +38,8 @@ def translate_ep_worker(rank: int, world: int, run_dir: str) -> dict:
     first.write_config("tiny")
     first.run(stop_at=2)
     code = main(["train", "--task", "translate", "--resume", run_dir, "--ep", str(world), "--quiet"])
-    return {"code": code, "local_experts": int(first.model.encoder[1].ffn.moe.experts.w_in.shape[0])}
+    w_in = first.model.encoder[1].ffn.moe.experts.w_in  # a DTensor: logical shape, this rank's experts locally
+    return {"code": code, "local_experts": int(w_in.to_local().shape[0]), "experts": int(w_in.shape[0])}
 
 
 def _train(run: Path) -> list[dict]:
@@ -49,6 +50,7 @@ def test_translate_ep2_with_resume_matches_single_process(tmp_path: Path) -> Non
     from moeflow.tasks.translate_train import translate_trainer
     got = run_world(translate_ep_worker, 2, str(tmp_path / "ep"), timeout_s=180)
     assert [r["code"] for r in got] == [0, 0] and [r["local_experts"] for r in got] == [2, 2]
+    assert [r["experts"] for r in got] == [4, 4]
     torch.set_num_threads(1)
     ref = translate_trainer(_cfg(), tmp_path / "ref", progress=False, figures=False).run()
     ep, single = _train(tmp_path / "ep"), _train(tmp_path / "ref")

@@ -27,13 +27,18 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard
 
 from moeflow.layers import moe_layers
 from moeflow.parallel.ep_dispatch import AllToAllDispatcher
 from moeflow.parallel.groups import ParallelConfigError, ParallelDims
 from moeflow.parallel.watchdog import collective_guard
+
+# NOTE: methods the models call on a block's submodule from OUTSIDE the block's forward, so the block's FSDP2
+# unit has not gathered their parameters: seq2seq decoders compute cross-attention keys/values once per source
+# (CrossAttention.kv). Such submodules become FSDP2 units of their own with the method registered as a forward.
+EXTRA_FORWARD_METHODS = ("kv",)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,6 +98,12 @@ def shard_model(model: nn.Module, dims: ParallelDims, precision: str = "fp32",
         if mp is not None:  # routing in fp32 whatever the compute dtype (router logits decide discrete choices)
             fully_shard(layer.router, mesh=dims.world_mesh, mp_policy=fp32, **kw)
     for block in _blocks(model):
+        for sub in block.modules():
+            methods = [m for m in EXTRA_FORWARD_METHODS if callable(getattr(sub, m, None))]
+            if methods and sub is not block:
+                fully_shard(sub, mesh=dims.world_mesh, mp_policy=mp or MixedPrecisionPolicy(), **kw)
+                for m in methods:
+                    register_fsdp_forward_method(sub, m)
         fully_shard(block, mesh=dims.world_mesh, mp_policy=mp or MixedPrecisionPolicy(), **kw)
     fully_shard(model, mesh=dims.world_mesh, mp_policy=mp or MixedPrecisionPolicy(), **kw)
     return model

@@ -26,7 +26,8 @@ from moeflow.analysis.stats import read_records
 from moeflow.models.seq2seq import Seq2SeqTransformer
 from moeflow.routing.log import record_routing
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
-from moeflow.train.checkpoint import CHECKPOINT_NAME
+from moeflow.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from moeflow.train.sharded_checkpoint import DCP_NAME
 from moeflow.train.trainer import ParallelHooks, Trainer, TrainResult
 
 CHECKPOINT = CHECKPOINT_NAME
@@ -168,12 +169,15 @@ def collect_language_routing(model: Seq2SeqTransformer, data: TranslateData, bat
 def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, CharVocab]:
     """The trained model (eval mode), its config and vocabulary from a run folder."""
     path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
+    if (Path(run_dir) / DCP_NAME).is_dir():  # written under torchrun: the newer of it and checkpoint.pt
+        ckpt = load_checkpoint(run_dir)
+    elif not path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir}; train one with "
                                 f"`moeflow train --task translate --out {Path(run_dir).parent} --name "
                                 f"{Path(run_dir).name}`")
-    # a plain load, not load_checkpoint: run folders from before the one Trainer hold {model, config, step} only
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        # a plain load, not load_checkpoint: run folders from before the one Trainer hold {model, config, step}
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TranslateConfig.from_dict(ckpt["config"])
     model = Seq2SeqTransformer(cfg.model)
     model.load_state_dict(ckpt["model"])
