@@ -100,7 +100,9 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 def load_sharded(folder: str | Path, state: dict[str, Any]) -> None:
     """Collective (or single process): fill the template `state` (this layout's shards) in place from `folder`."""
     try:
-        dcp.load(state, checkpoint_id=str(folder))
+        with warnings.catch_warnings():  # one plain process loads without a group: what the warning assumes
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(folder))
     except Exception as e:  # noqa: BLE001 - DCP wraps every rank's failure in CheckpointException
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: cannot load this sharded checkpoint into the model ({first}); it was "

@@ -7,8 +7,11 @@ from module attributes: an activation-checkpoint recompute runs in backward, out
 lost nor counted twice. The loop never sets the CPU thread count (the CLI does, once).
 
 The loop is linear (nanoGPT style). Parallelism enters only through `ParallelHooks`, a handful of calls the loop
-makes at fixed points (wrap the model, reduce gradients, agree on finiteness, gather a full state dict); the
-default `LocalHooks` is the single-process identity, and moeflow.parallel provides the distributed one.
+makes at fixed points (wrap the model, gradient sync for accumulation, agree on finiteness, the global gradient
+norm, state dicts for checkpoints); the default `LocalHooks` is the single-process identity, and moeflow.parallel
+provides the FSDP2 + expert-parallel one. With `sharded_checkpoints` hooks every rank writes its own shards (DCP,
+train/sharded_checkpoint.py); otherwise rank 0 writes one file. A resume reads whichever of the two is newer, so a
+run can move between one process and any torchrun layout.
 """
 
 from __future__ import annotations
