@@ -130,9 +130,21 @@ def metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def full_state(trainer: Trainer) -> dict[str, Any]:
-    """The logical model and optimizer state (rank 0; empty elsewhere), on CPU."""
+    """The logical model and optimizer state (rank 0; empty elsewhere), on CPU, copied (the state dicts share
+    plain tensors such as Adam's step with the optimizer, which increments them in place)."""
     model_sd, optim_sd = trainer.hooks.state_dicts(trainer.model, trainer.optimizer, full=True)
-    return {"model": model_sd, "optim": optim_sd}
+    return _clone({"model": model_sd, "optim": optim_sd})
+
+
+def _clone(x: Any) -> Any:
+    """Deep copy of nested dicts/lists of tensors."""
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    return x
 
 
 def run_parity(rank: int, ep: int, run_dir: str, accum: int, ac: bool, precision: str = "fp32") -> dict[str, Any]:
@@ -285,4 +297,37 @@ def nan_and_bf16_worker(rank: int, world: int, root: str) -> dict:
     out["bf16"] = {"seen": seen, "master": master,
                    "losses": [r["loss"] for r in metrics(f"{root}/bf16")] if rank == 0 else None,
                    "fp32_losses": [r["loss"] for r in metrics(f"{root}/fp32")] if rank == 0 else None}
+    return out
+
+
+def async_save_worker(rank: int, world: int, root: str) -> dict:
+    """(dp=1, ep=2), async checkpoints at steps 2 and 3 (training runs on while step 2 is written). Older folders
+    are kept (rmtree disabled) so the step-2 folder can be compared with the state captured when it was saved;
+    then the run is resumed as (dp=2, ep=1)."""
+    import moeflow.train.sharded_checkpoint as sc
+
+    sc.shutil.rmtree = lambda *a, **k: None  # type: ignore[assignment]  # this process only
+    run_dir = f"{root}/async"
+    hooks = DistributedHooks(init_distributed(ep=2, timeout_s=60))
+    trainer = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=3, ckpt_every=2)), run_dir, hooks=hooks,
+                      progress=False)
+    trainer.tc.async_checkpoint = True
+    captured: dict[int, Any] = {}
+    save = trainer.save
+
+    def capturing_save(*args: Any, **kwargs: Any) -> None:
+        captured[trainer.step] = full_state(trainer)
+        save(*args, **kwargs)
+        captured[f"pending{trainer.step}"] = trainer._pending is not None
+    trainer.save = capturing_save  # type: ignore[method-assign]
+    trainer.run()
+    assert trainer._pending is None
+    hooks = DistributedHooks(init_distributed(ep=1, timeout_s=60))
+    again = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=3, ckpt_every=2)), run_dir, resume=True,
+                    hooks=hooks, progress=False)
+    got = full_state(again)
+    out = {"pending": [captured["pending2"], captured["pending3"]], "step": again.step}
+    if rank == 0:
+        torch.save(captured[2], f"{root}/async_step2.pt")
+        out["resumed_equal"] = _bitwise(got, captured[3])
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_harness import run_world
-from fsdp_workers import (FixedTask, Schedule, _bitwise, failure_worker, full_state, kill_during_save_worker,
+from fsdp_workers import (FixedTask, Schedule, _bitwise, async_save_worker, failure_worker, full_state, kill_during_save_worker,
                           make_model, metrics, nan_and_bf16_worker, parity_worker, save_then_resume_worker)
 
 from moeflow.train.checkpoint import load_checkpoint
@@ -188,3 +188,17 @@ def test_bf16_mixed_precision_keeps_routers_and_master_weights_fp32(nan_bf16: li
     assert got["seen"]["block_out"] == "torch.bfloat16"
     assert set(got["master"].values()) == {"torch.float32"}
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(got["fp32_losses"]), rtol=2e-2, atol=0)
+
+
+def test_async_checkpoint_is_committed_and_holds_the_state_at_save_time(root: Path) -> None:
+    """train.async_checkpoint: save() returns with the write in flight; the step-2 folder holds the step-2 state
+    although step 3 trained meanwhile; the run ends with step 3 committed, which resumes bitwise on (2, 1)."""
+    from moeflow.train.sharded_checkpoint import read_full
+    got = run_world(async_save_worker, 2, str(root), timeout_s=200)
+    assert got[0]["pending"] == [True, True] and got[0]["step"] == 3 and got[0]["resumed_equal"], got[0]
+    run = root / "async" / DCP_NAME
+    assert latest_folder(run).name == "step-00000003"
+    at_save = torch.load(root / "async_step2.pt")
+    written = read_full(run / "step-00000002")
+    assert _bitwise(written["model"], at_save["model"])
+    assert _bitwise(written["optim"]["state"], at_save["optim"]["state"])

@@ -14,6 +14,7 @@ Everything here is collective: every rank must make the same calls in the same o
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ class DistributedHooks:
         self.dims, self.mode = dims, mode
         self.rank, self.world = dims.rank, dims.world
         self._model: nn.Module | None = None
+        self._ckpt_group: dist.ProcessGroup | None = None
 
     def wrap_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         """Broadcast rank 0's weights, shard the experts over ep, FSDP2 over the mesh (`precision`: compute dtype,
@@ -86,6 +88,15 @@ class DistributedHooks:
     def barrier(self, name: str) -> None:
         """Wait for every rank (bounded by the group timeout; the error names the missing ranks)."""
         barrier_with_timeout(self.dims, name)
+
+    def checkpoint_group(self) -> dist.ProcessGroup | None:
+        """A gloo group of every rank for asynchronous checkpoint writes, created on first use (collective: the
+        first save runs on every rank); its background collectives never interleave with training's."""
+        if not self.dims.distributed:
+            return None
+        if self._ckpt_group is None:
+            self._ckpt_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.dims.timeout_s))
+        return self._ckpt_group
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                     full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

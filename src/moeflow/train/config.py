@@ -51,6 +51,7 @@ class TrainConfig(Config):
     precision: str = "fp32"  # FSDP2 compute dtype under torchrun: fp32 or bf16 (fp32 master weights, fp32 routers)
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     compile: bool = False  # torch.compile each block (falls back to eager with a message where unavailable)
+    async_checkpoint: bool = False  # under torchrun: write the sharded checkpoint in the background (dcp.async_save)
 
     config_name = "train"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
 

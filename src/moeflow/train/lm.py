@@ -28,7 +28,7 @@ class LMTask:
     """Random windows of a byte corpus, token-mean cross-entropy, validation on fixed held-out windows."""
 
     resumable = frozenset({"train.steps", "train.device", "train.log_every", "train.activation_checkpointing",
-                           "train.compile"})  # the schedule may grow
+                           "train.compile", "train.async_checkpoint"})  # the schedule may grow
 
     def __init__(self, cfg: RunConfig, corpus: Corpus | None = None) -> None:
         """Load the corpus (unless given) and check that its token ids fit the model's vocabulary."""

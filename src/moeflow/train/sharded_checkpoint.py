@@ -23,6 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,51 @@ def save_sharded(root: str | Path, state: dict[str, Any], meta: dict[str, Any], 
                 shutil.rmtree(old, ignore_errors=True)
     barrier("checkpoint: committed")
     return folder, time.perf_counter() - t0
+
+
+@dataclass
+class PendingSave:
+    """An asynchronous save in flight: its shards are being written; `finish_save` commits it."""
+
+    future: Any
+    root: Path
+    folder: Path
+    meta: dict[str, Any]
+    rank: int
+    t0: float
+
+
+def start_sharded_save(root: str | Path, state: dict[str, Any], meta: dict[str, Any], step: int, rank: int,
+                       barrier: Callable[[str], None], process_group: Any = None) -> PendingSave:
+    """Collective: copy `state` to host memory and write it in a background thread (`dcp.async_save`).
+
+    Training may continue (and change the weights) as soon as this returns. Nothing is committed until
+    `finish_save`, so a crash before it leaves the previous checkpoint in place. `process_group` should be a
+    group used only for checkpoints: the background thread's collectives must not interleave with training's.
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    barrier("checkpoint: before save")
+    current = (root / LATEST).read_text().strip() if (root / LATEST).exists() else ""
+    name = f"step-{step:08d}"
+    folder = root / (name if name != current else f"{name}-b")
+    future = dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group)
+    return PendingSave(future, root, folder, meta, rank, t0)
+
+
+def finish_save(pending: PendingSave, barrier: Callable[[str], None]) -> float:
+    """Collective: wait for an asynchronous save's shards (rank 0: and DCP's .metadata), then commit it like
+    `save_sharded`. Returns the seconds from its start."""
+    pending.future.result()
+    if pending.rank == 0:
+        atomic_torch_save(pending.meta, pending.folder / META)
+        _commit(pending.root, pending.folder)
+        for old in pending.root.iterdir():
+            if old.is_dir() and old != pending.folder and old.name.startswith("step-"):
+                shutil.rmtree(old, ignore_errors=True)
+    barrier("checkpoint: committed")
+    return time.perf_counter() - pending.t0
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -188,5 +234,5 @@ def _lists(node: Any) -> Any:
     return node
 
 
-__all__ = ["DCP_NAME", "latest_folder", "save_sharded", "read_meta", "load_sharded", "read_full",
+__all__ = ["DCP_NAME", "latest_folder", "save_sharded", "start_sharded_save", "finish_save", "PendingSave", "read_meta", "load_sharded", "read_full",
            "read_full_checkpoint", "write_sharded_from_full"]

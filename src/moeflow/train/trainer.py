@@ -36,7 +36,8 @@ from moeflow.train.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, load_chec
                                       load_optimizer_state_by_name, optimizer_state_by_name, rng_state,
                                       save_checkpoint, set_rng_state)
 from moeflow.train.compile import apply_activation_checkpointing, compile_blocks
-from moeflow.train.sharded_checkpoint import DCP_NAME, latest_folder, load_sharded, read_meta, save_sharded
+from moeflow.train.sharded_checkpoint import (DCP_NAME, PendingSave, finish_save, latest_folder, load_sharded,
+                                              read_meta, save_sharded, start_sharded_save)
 from moeflow.train.config import flatten
 from moeflow.train.metrics import METRICS_NAME, MetricsLog, Progress
 from moeflow.train.task import Task, TrainSchedule
@@ -96,6 +97,10 @@ class ParallelHooks(Protocol):
 
     def barrier(self, name: str) -> None:
         """Wait for every rank (checkpoint commits)."""
+        ...
+
+    def checkpoint_group(self) -> Any:
+        """The process group asynchronous checkpoint writes use (never the training one); None: default."""
         ...
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -159,6 +164,10 @@ class LocalHooks:
 
     def barrier(self, name: str) -> None:
         """Nobody to wait for."""
+
+    def checkpoint_group(self) -> Any:
+        """No group: single-file checkpoints are written synchronously."""
+        return None
 
     def state_dicts(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                     full: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -267,6 +276,7 @@ class Trainer:
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         self.dcp_root = self.run_dir / DCP_NAME
         self.last_save_s = 0.0
+        self._pending: PendingSave | None = None  # an asynchronous sharded save not yet committed
         self.metrics_path = self.run_dir / METRICS_NAME
         if resume:
             self._restore()
@@ -321,9 +331,15 @@ class Trainer:
                 "data": self.task.state_dict(), "config": self.task.config_dict(),
                 "extra": {"elapsed_s": elapsed_s, "cpu_s": cpu_s}}
         if self.hooks.sharded_checkpoints:
+            self.finish_pending_save()  # one save in flight at a time: commit the previous one first
             model_sd, optim_sd = self.hooks.state_dicts(self.model, self.optimizer)
-            _, self.last_save_s = save_sharded(self.dcp_root, {"model": model_sd, "optim": optim_sd}, meta,
-                                               self.step, self.hooks.rank, self.hooks.barrier)
+            state = {"model": model_sd, "optim": optim_sd}
+            if getattr(self.tc, "async_checkpoint", False):
+                self._pending = start_sharded_save(self.dcp_root, state, meta, self.step, self.hooks.rank,
+                                                   self.hooks.barrier, self.hooks.checkpoint_group())
+            else:
+                _, self.last_save_s = save_sharded(self.dcp_root, state, meta, self.step, self.hooks.rank,
+                                                   self.hooks.barrier)
         else:
             t0 = time.perf_counter()
             state, opt_state = self.hooks.state_dicts(self.model, self.optimizer, full=True)
@@ -332,6 +348,12 @@ class Trainer:
                                 step=self.step, data_state=meta["data"], config=meta["config"], extra=meta["extra"])
             self.last_save_s = time.perf_counter() - t0
         self.last_ckpt_step = self.step
+
+    def finish_pending_save(self) -> None:
+        """Commit the asynchronous save in flight, if any (collective; the run calls it before returning)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.last_save_s = finish_save(pending, self.hooks.barrier)
 
     def write_config(self, preset: str | None = None) -> None:
         """config.json: the resolved config (plus the preset name, for humans)."""
@@ -462,6 +484,7 @@ class Trainer:
                 if out_of_cpu:
                     progress.message(f"CPU limit {cpu_limit_s:.0f} s reached at step {self.step}")
                     break
+            self.finish_pending_save()
         except TrainingDiverged as e:
             if log:
                 log.write({"kind": "diverged", "step": e.step, "message": str(e)})
