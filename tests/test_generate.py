@@ -227,3 +227,22 @@ def test_small_cached_decode_runs_on_one_thread_and_restores_the_count(monkeypat
     with pytest.raises(RuntimeError, match="boom"):
         generate(model, prompt, 3, temperature=0.0)
     assert torch.get_num_threads() == before
+
+
+def test_slide_past_max_seq_len_drops_the_oldest_context() -> None:
+    """slide=True: longer than max_seq_len (40) works, cached == uncached, and each window is re-encoded from 0."""
+    model = make_model(DROPLESS["topk"])
+    prompt = torch.randint(0, 53, (2, 30), generator=torch.Generator().manual_seed(2))
+    cached = generate(model, prompt, 45, temperature=0.0, slide=True)
+    uncached = generate(model, prompt, 45, temperature=0.0, use_cache=False, slide=True)
+    assert cached.shape == (2, 75) and torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :40], generate(model, prompt, 10, temperature=0.0))  # no slide while it fits
+    # the full 40-token context gives token 40; token 41 follows the newest max_seq_len // 2 = 20 tokens alone,
+    # re-encoded from position 0
+    with torch.no_grad():
+        assert torch.equal(cached[:, 40], model(cached[:, :40])[:, -1].argmax(-1))
+        assert torch.equal(cached[:, 41], model(cached[:, 21:41])[:, -1].argmax(-1))
+    long_prompt = torch.randint(0, 53, (1, 50), generator=torch.Generator().manual_seed(3))
+    out = generate(model, long_prompt, 3, temperature=0.0, slide=True)  # a prompt longer than the context
+    with torch.no_grad():
+        assert int(out[0, 50]) == int(model(long_prompt[:, 30:])[:, -1].argmax(-1))

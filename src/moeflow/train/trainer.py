@@ -155,7 +155,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda if available, else cpu; an unavailable device is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is unknown; use auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
