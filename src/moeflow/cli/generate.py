@@ -10,6 +10,7 @@ import time
 import torch
 
 from moeflow.cli.args import NON_NEGATIVE, POSITIVE, THREADS, float_in
+from moeflow.cli.runs import require_run
 from moeflow.models import generate
 from moeflow.config import ConfigError
 from moeflow.train.data import decode
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                           "text") from None
     if not ids:
         raise ConfigError("--prompt is empty; give at least one character")
+    require_run(args.run, "lm", "moeflow generate")
     device = resolve_device(args.device)
     model, cfg, ckpt = model_from_run(args.run, device=str(device))
     threads = cfg.train.threads if args.threads is None else args.threads

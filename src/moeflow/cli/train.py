@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from moeflow.cli.args import NON_NEGATIVE, POSITIVE
+from moeflow.cli.runs import require_run, run_kind
 from moeflow.config import ConfigError
 from moeflow.ops.threads import cpu_threads
 from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
@@ -24,17 +26,22 @@ DEFAULT_PRESET = "tiny"
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """Flags that define a run's config (shared by train and compare)."""
-    p.add_argument("--preset", choices=sorted(set(RUN_PRESETS) | set(TRANSLATE_PRESETS)), default=None,
-                   help=f"named model + training preset (default {DEFAULT_PRESET}; with --task translate one of "
-                        f"{', '.join(TRANSLATE_PRESETS)}, default gshard)")
+def add_config_args(p: argparse.ArgumentParser, with_task: bool = False) -> None:
+    """Flags that define a run's config (shared by train and compare; only train has --task translate)."""
+    if with_task:
+        p.add_argument("--preset", choices=sorted(set(RUN_PRESETS) | set(TRANSLATE_PRESETS)), default=None,
+                       help=f"named model + training preset: for the language model {', '.join(RUN_PRESETS)} "
+                            f"(default {DEFAULT_PRESET}); with --task translate {', '.join(TRANSLATE_PRESETS)} "
+                            "(default gshard)")
+    else:
+        p.add_argument("--preset", choices=list(RUN_PRESETS), default=None,
+                       help=f"named model + training preset (default {DEFAULT_PRESET})")
     p.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of overrides, nested like "
                    "config.json: {\"train\": {\"lr\": 1e-3}}")
     p.add_argument("--data", metavar="PATH", help="a text file, a folder of text files, or a pre-tokenised .bin/.npy "
                    "(default: the embedded Python stdlib corpus)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="total training steps (= --set train.steps=N)")
-    p.add_argument("--seed", type=int, help="seed for init, data order and router noise (= --set train.seed=N)")
+    p.add_argument("--max-steps", type=POSITIVE, metavar="N", help="total training steps (= --set train.steps=N)")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="seed for init, data order and router noise (= --set train.seed=N)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (= --set train.device=...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field by its dotted path, e.g. --set model.moe.num_experts=16 "
@@ -44,6 +51,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     """Preset, then config file, then the shorthand flags, then --set (last wins); returns (config, preset)."""
     preset = args.preset or DEFAULT_PRESET
+    if preset not in RUN_PRESETS:
+        raise ConfigError(f"--preset {preset} is a translation preset: add --task translate, or pick a language-"
+                          f"model preset ({', '.join(RUN_PRESETS)})")
     cfg = get_preset(preset)
     overrides: dict[str, object] = {}
     if args.config:
@@ -65,14 +75,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model into a run folder (default: the tiny MoE on the stdlib corpus)",
                        description="Train an MoE (or dense) language model. With no arguments: the 'tiny' preset "
                                    "on the Python standard library sources, a few minutes on 2 CPU cores.")
-    add_config_args(p)
+    add_config_args(p, with_task=True)
     p.add_argument("--out", default="runs", help="folder that holds run folders (default runs/)")
     p.add_argument("--name", help="run folder name (default <preset>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint "
                    "(its config.json is used; --max-steps may extend it)")
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop at this step with a checkpoint, without "
+    p.add_argument("--stop-at", type=POSITIVE, metavar="STEP", help="stop at this step with a checkpoint, without "
                    "changing the schedule (continue later with --resume)")
-    p.add_argument("--ep", type=int, default=None, metavar="N",
+    p.add_argument("--ep", type=POSITIVE, default=None, metavar="N",
                    help="expert-parallel size under torchrun: experts of every MoE layer are split over N ranks, "
                         "the rest is data-parallel (world = N x DP); e.g. torchrun --nproc-per-node 4 -m moeflow "
                         "train --ep 2")
@@ -86,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str | None, Path]:
-    run_dir = Path(args.resume)
+    run_dir = require_run(args.resume, "lm", "moeflow train --resume")
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json); pass the folder `moeflow train` made")
@@ -129,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(config_keys()))
         return 0
     if args.report_only:
-        print(write_report(args.report_only))
+        run_dir = require_run(args.report_only, "lm", "moeflow train --report-only")
+        if run_kind(run_dir) is None and not (run_dir / "metrics.jsonl").exists():
+            raise CheckpointError(f"{run_dir}: not a run folder (no config.json or metrics.jsonl); pass the folder "
+                                  "`moeflow train` made")
+        print(write_report(run_dir))
         return 0
     t_total = time.perf_counter()
     hooks, dims = _parallel_hooks(args)

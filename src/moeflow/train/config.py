@@ -272,9 +272,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON (or, with pyyaml installed, YAML) config file into flat dotted overrides."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (invalid UTF-8); --config takes a JSON or YAML file") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml  # optional: JSON always works
