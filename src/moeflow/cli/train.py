@@ -14,7 +14,7 @@ from moeflow.cli.args import NON_NEGATIVE, POSITIVE
 from moeflow.cli.runs import require_run, run_kind
 from moeflow.config import ConfigError
 from moeflow.ops.threads import cpu_threads
-from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
+from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, clean_stale_temps
 from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
                                   load_config_file, parse_set)
 from moeflow.train.data import DataError
@@ -201,6 +201,9 @@ def _train_and_report(args: argparse.Namespace, cfg: RunConfig, preset: str | No
     main = hooks is None or hooks.rank == 0  # type: ignore[attr-defined]
     say = print if main else (lambda *a, **k: None)
     try:
+        if main:
+            for tmp in clean_stale_temps(run_dir / CHECKPOINT_NAME):
+                say(f"removed {tmp.name}, left by a save that was killed")
         say(f"run folder {run_dir}  (preset {preset}, {cfg.model.num_params():,} parameters, "
             f"{cfg.model.num_active_params():,} active per token)")
         t0 = time.perf_counter()
