@@ -71,3 +71,55 @@ def test_full_disk_during_save_is_enospc_and_keeps_the_previous_checkpoint(tmp_p
     assert info.value.__context__ is None or info.value.__suppress_context__  # one error, not torch's zip error
     old = torch.load(path, weights_only=True)
     assert old["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every matplotlib figure saved during the test (the files are still written)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures: list[object] = []
+    real = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
+        figures.append(fig)
+        real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def test_dropless_drop_plot_says_so_instead_of_flat_lines(tmp_path: Path, saved_figures: list) -> None:
+    from moeflow.analysis.plots import plot_layer_lines
+
+    steps = np.arange(1, 51)
+    plot_layer_lines(steps, np.zeros((50, 4)), tmp_path / "d.png", "dropped fraction", "drops",
+                     all_zero_note="dropless: no drops")
+    ax = saved_figures[-1].axes[0]
+    assert [t.get_text() for t in ax.texts] == ["dropless: no drops"] and not ax.lines
+    plot_layer_lines(steps, np.full((50, 2), 0.1), tmp_path / "e.png", "dropped fraction", "drops",
+                     all_zero_note="dropless: no drops")
+    assert len(saved_figures[-1].axes[0].lines) == 2  # real drops are still drawn
+
+
+def test_expert_heat_map_labels_every_expert(tmp_path: Path, saved_figures: list) -> None:
+    from moeflow.analysis.plots import plot_expert_load
+
+    plot_expert_load(np.arange(1, 11), [np.full((10, 8), 1 / 8), np.full((10, 6), 1 / 6)], tmp_path / "h.png")
+    axes = saved_figures[-1].axes
+    assert list(axes[0].get_yticks()) == list(range(8)) and list(axes[1].get_yticks()) == list(range(6))
+
+
+def test_report_of_a_dropless_run_has_no_drop_lines(tmp_path: Path, saved_figures: list) -> None:
+    import json
+
+    from moeflow.analysis.report import write_report
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"moe": {"capacity_factor": None}}, "train": {}}))
+    layer = {"tokens_per_expert": [4, 4], "dropped_fraction": 0.0, "entropy": 0.6, "losses": {}}
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": s, "loss": 3.0, "tokens_per_s": 100.0, "layers": [layer, layer]}) + "\n" for s in (1, 2, 3)))
+    write_report(tmp_path)
+    texts = [t.get_text() for fig in saved_figures for ax in fig.axes for t in ax.texts]
+    assert "dropless: no drops" in texts
