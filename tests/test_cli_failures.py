@@ -115,7 +115,7 @@ CASES: list[tuple[str, str]] = [
     ("train-data-empty", "train --data {emptyfile} --out {new} --max-steps 1"),
     ("train-data-missing", "train --data {missing} --out {new} --max-steps 1"),
     ("train-existing-name", "train --data {data} --out {runs} --name lm --max-steps 1"),
-    ("train-translate-stop-at", "train --task translate --stop-at 3 --out {new}"),
+    ("train-translate-data", "train --task translate --data {data} --out {new}"),
     # compare
     ("compare-experts-word", "compare --experts a,b --out {new}"),
     ("compare-experts-0", "compare --experts 0 --out {new}"),
