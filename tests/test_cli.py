@@ -102,6 +102,9 @@ def test_config_errors_exit_2_with_a_message(tmp_path: Path, data: Path, capsys:
     assert main(["train", "--list-keys"]) == 0
     assert "model.moe.num_experts" in capsys.readouterr().out.split()
     assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
+    assert "nothing: no such folder" in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
+    assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
 
 
