@@ -14,7 +14,7 @@ from moeflow.cli.args import NON_NEGATIVE, POSITIVE
 from moeflow.cli.runs import require_run, run_kind
 from moeflow.config import ConfigError
 from moeflow.ops.threads import cpu_threads
-from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, clean_stale_temps
+from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_step, clean_stale_temps
 from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
                                   load_config_file, parse_set)
 from moeflow.train.data import DataError
@@ -114,6 +114,22 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str | None, Pat
     return (apply_overrides(cfg, extra) if extra else cfg), preset, run_dir
 
 
+def _nothing_to_do(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> bool:
+    """Before a resume touches anything: True (and a note) if the run already reached its end; an error if the
+    requested end lies before the saved step (a run cannot be shortened)."""
+    step = checkpoint_step(run_dir / CHECKPOINT_NAME)
+    if args.max_steps is not None and args.max_steps < step:
+        raise ConfigError(f"--max-steps {args.max_steps} is below the checkpoint's step {step}: a run cannot be "
+                          f"shortened; pass --max-steps > {step} to extend it")
+    if args.stop_at is not None and args.stop_at <= step:
+        raise ConfigError(f"--stop-at {args.stop_at} is not after the checkpoint's step {step}; pass a later step")
+    if step >= cfg.train.steps:
+        print(f"nothing to do: {run_dir} already finished its {cfg.train.steps} steps (left unchanged); extend it "
+              f"with --resume {run_dir} --max-steps N, N > {step}")
+        return True
+    return False
+
+
 def print_summary(result: TrainResult, report: Path, stream: TextIO | None = None) -> None:
     """The final lines: losses, speed, and where everything is."""
     stream = stream or sys.stdout
@@ -182,6 +198,8 @@ def _run_training(args: argparse.Namespace, hooks: object | None, t_total: float
             run_dir = Path(args.out) / name
         if args.show_config:
             print(json.dumps({"preset": preset, **cfg.to_dict()}, indent=2))
+            return 0
+        if args.resume and _nothing_to_do(args, cfg, run_dir):
             return 0
         if not args.resume and (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "

@@ -163,6 +163,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was saved at, read without loading its tensors into memory (mmap)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint there; train first (moeflow train)") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}); it may be truncated or from "
+                              "another program") from None
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise CheckpointError(f"{path}: not a moeflow checkpoint (no step)")
+    return int(ckpt["step"])
+
+
 def _names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the order torch.optim numbers them in its state_dict."""
     by_id = {id(p): name for name, p in model.named_parameters()}

@@ -47,6 +47,13 @@ class TrainConfig(Config):
     seed: int = 0  # model init, data stream and router noise
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # torch CPU threads (0: torch's default); bitwise resume needs the same value
+    # divergence (train/health.py): a loss above diverge_factor x the median of the last diverge_window healthy
+    # losses (and diverge_min_delta above it) is a spike: no checkpoint is written then, and diverge_patience
+    # spiking steps in a row stop the run naming the last healthy checkpoint. diverge_factor=0 turns it off.
+    diverge_factor: float = 2.0
+    diverge_window: int = 20
+    diverge_patience: int = 3
+    diverge_min_delta: float = 0.5
 
     config_name = "train"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
 
@@ -58,6 +65,10 @@ class TrainConfig(Config):
         check_number(self, "min_lr_ratio", hi=1)
         check_number(self, "weight_decay", "grad_clip")
         check_number(self, "beta1", "beta2", hi=1, hi_open=True)
+        check_int(self, "diverge_window", "diverge_patience")
+        check_number(self, "diverge_factor", "diverge_min_delta")
+        need(self.diverge_factor == 0 or self.diverge_factor > 1,
+             f"train.diverge_factor must be 0 (off) or > 1, got {self.diverge_factor!r}")
         need(isinstance(self.device, str) and self.device.split(":")[0] in DEVICES,
              f"train.device={self.device!r} is unknown; use one of {', '.join(DEVICES)} "
              "(optionally with an index, e.g. cuda:1)")
