@@ -104,3 +104,11 @@ def test_help_offers_only_what_each_command_accepts(capsys: pytest.CaptureFixtur
     assert "--preset {tiny,tiny-dense,small}" in _help("compare", capsys=capsys)
     train = _help("train", capsys=capsys)
     assert "for the language model tiny, tiny-dense, small" in train and "with --task translate gshard" in train
+
+
+def test_output_piped_into_head_ends_quietly() -> None:
+    env = _without_omp_env()
+    # `head -c 0` exits before python has started: every write meets a closed pipe
+    cmd = f"{shlex.quote(sys.executable)} -m moeflow train --list-keys | head -c 0"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout == "" and out.stderr == ""

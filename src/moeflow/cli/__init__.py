@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`moeflow train --list-keys | head`): stop quietly, as other CLI tools do, and keep
+        # the interpreter's final flush from failing on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # noqa: BLE001 - mapped to a message below, or re-raised as the bug it is
         mapped = error_message(exc)
         if mapped is None:
