@@ -119,7 +119,8 @@ def test_report_of_a_dropless_run_has_no_drop_lines(tmp_path: Path, saved_figure
     (tmp_path / "config.json").write_text(json.dumps({"model": {"moe": {"capacity_factor": None}}, "train": {}}))
     layer = {"tokens_per_expert": [4, 4], "dropped_fraction": 0.0, "entropy": 0.6, "losses": {}}
     (tmp_path / "metrics.jsonl").write_text("".join(
-        json.dumps({"kind": "train", "step": s, "loss": 3.0, "tokens_per_s": 100.0, "layers": [layer, layer]}) + "\n" for s in (1, 2, 3)))
+        json.dumps({"kind": "train", "step": s, "loss": 3.0, "tokens_per_s": 100.0, "layers": [layer, layer]}) + "\n"
+        for s in (1, 2, 3)))
     write_report(tmp_path)
     texts = [t.get_text() for fig in saved_figures for ax in fig.axes for t in ax.texts]
     assert "dropless: no drops" in texts

@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 # imported; `from moeflow import MoELayer` works as before.
 _LAZY = {"DispatchPlan": "moeflow.dispatch", "LocalDispatcher": "moeflow.dispatch",
          "GroupedExperts": "moeflow.experts", "FFN": "moeflow.layers", "MoELayer": "moeflow.layers",
-         "RMSNorm": "moeflow.layers", "moe_layers": "moeflow.layers", "ROUTERS": "moeflow.routing", "Router": "moeflow.routing",
-         "Routing": "moeflow.routing", "build_router": "moeflow.routing", "load_hf": "moeflow.interop",
-         "patch_hf": "moeflow.interop", "save_hf": "moeflow.interop"}
+         "RMSNorm": "moeflow.layers", "moe_layers": "moeflow.layers", "ROUTERS": "moeflow.routing",
+         "Router": "moeflow.routing", "Routing": "moeflow.routing", "build_router": "moeflow.routing",
+         "load_hf": "moeflow.interop", "patch_hf": "moeflow.interop", "save_hf": "moeflow.interop"}
 
 __all__ = ["ConfigError", "MoEConfig", "DispatchPlan", "LocalDispatcher", "GroupedExperts", "FFN", "MoELayer",
            "RMSNorm", "moe_layers", "ROUTERS", "Router", "Routing", "build_router", "__version__",

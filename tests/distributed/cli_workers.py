@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 
-def cli_worker(rank: int, world: int, runs: list[list[str]], die: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+def cli_worker(rank: int, world: int, runs: list[list[str]],
+               die: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Run each argv in turn (the process group survives between them); with `die=(rank, step)` that rank is
     killed (os._exit) when it starts that step, as kill -9 would. Returns {code, out, err} per argv."""
     import moeflow.parallel

@@ -11,8 +11,8 @@ import torch
 
 from moeflow.cli.args import NON_NEGATIVE, POSITIVE, THREADS, float_in
 from moeflow.cli.runs import require_run
-from moeflow.models import generate
 from moeflow.config import ConfigError
+from moeflow.models import generate
 from moeflow.train.data import decode
 from moeflow.train.lm import model_from_run
 from moeflow.train.trainer import resolve_device

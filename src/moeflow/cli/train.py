@@ -41,7 +41,8 @@ def add_config_args(p: argparse.ArgumentParser, with_task: bool = False) -> None
     p.add_argument("--data", metavar="PATH", help="a text file, a folder of text files, or a pre-tokenised .bin/.npy "
                    "(default: the embedded Python stdlib corpus)")
     p.add_argument("--max-steps", type=POSITIVE, metavar="N", help="total training steps (= --set train.steps=N)")
-    p.add_argument("--seed", type=NON_NEGATIVE, help="seed for init, data order and router noise (= --set train.seed=N)")
+    p.add_argument("--seed", type=NON_NEGATIVE,
+                   help="seed for init, data order and router noise (= --set train.seed=N)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (= --set train.device=...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field by its dotted path, e.g. --set model.moe.num_experts=16 "
