@@ -54,10 +54,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     (base / "hf").mkdir()
     (base / "hf" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     (base / "hf" / "model.safetensors").write_bytes(b"not safetensors")
+    (base / "hfnoweights").mkdir()
+    (base / "hfnoweights" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     yield {"base": str(base), "data": str(data), "runs": str(runs), "lm": str(lm), "tr": str(tr),
            "trunc": str(base / "trunc"), "trtrunc": str(base / "trtrunc"), "empty": str(base / "empty"),
            "missing": str(base / "missing"), "emptyfile": str(base / "emptyfile.txt"),
            "binary": str(base / "binary.json"), "tinyfile": str(base / "tiny.txt"), "hf": str(base / "hf"),
+           "hfnoweights": str(base / "hfnoweights"),
            "new": str(base / "new-output")}
 
 
@@ -131,6 +134,7 @@ CASES: list[tuple[str, str]] = [
     ("convert-truncated", "convert {trunc} {new}"),
     ("convert-translate-run", "convert {tr} {new}"),
     ("convert-bad-hf", "convert {hf} {new}"),
+    ("convert-hf-no-weights", "convert {hfnoweights} {new} --to moeflow"),
     ("convert-shard-word", "convert {lm} {new} --max-shard-size abc"),
     ("convert-shard-0", "convert {lm} {new} --max-shard-size 0"),
     # demo

@@ -124,3 +124,22 @@ def test_report_of_a_dropless_run_has_no_drop_lines(tmp_path: Path, saved_figure
     write_report(tmp_path)
     texts = [t.get_text() for fig in saved_figures for ax in fig.axes for t in ax.texts]
     assert "dropless: no drops" in texts
+
+
+def test_load_hf_names_what_is_missing(tmp_path: Path) -> None:
+    import json
+
+    from moeflow import load_hf
+    from moeflow.config import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(FileNotFoundError, match="no weights in"):  # was KeyError: 'hidden_size'
+        load_hf(tmp_path)
+    pytest.importorskip("safetensors")
+    (tmp_path / "model.safetensors").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_hf(tmp_path)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match="config.json lacks 'hidden_size', which a mixtral config needs"):
+        load_hf(tmp_path)
