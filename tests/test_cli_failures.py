@@ -119,6 +119,8 @@ CASES: list[tuple[str, str]] = [
     ("train-data-missing", "train --data {missing} --out {new} --max-steps 1"),
     ("train-existing-name", "train --data {data} --out {runs} --name lm --max-steps 1"),
     ("train-translate-data", "train --task translate --data {data} --out {new}"),
+    ("train-translate-resume-lm", "train --task translate --resume {lm}"),
+    ("train-translate-resume-done", "train --task translate --resume {tr}"),
     # compare
     ("compare-experts-word", "compare --experts a,b --out {new}"),
     ("compare-experts-0", "compare --experts 0 --out {new}"),

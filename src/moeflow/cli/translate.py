@@ -147,7 +147,7 @@ def _new_config(args: argparse.Namespace, hooks: object | None) -> tuple[Transla
 
 def _resume_config(args: argparse.Namespace) -> tuple[TranslateConfig, str | None, Path]:
     """The run folder's own config.json (only --max-steps may extend it)."""
-    run_dir = Path(args.resume)
+    run_dir = require_run(args.resume, "translate", "moeflow train --task translate --resume")
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json); pass the folder `moeflow train "
