@@ -59,6 +59,16 @@ def test_train_generate_eval(tmp_path: Path, data: Path, capsys: pytest.CaptureF
     assert main(["generate", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3"]) == 0
     gen = capsys.readouterr()
     assert gen.out.startswith("def ") and "20 bytes" in gen.err
+    # the streamed text is the decoded generation (an untrained model emits invalid UTF-8: replaced alike)
+    import torch
+
+    from moeflow.models import generate
+    from moeflow.train.data import decode
+    from moeflow.train.lm import model_from_run
+    model, _, _ = model_from_run(run)
+    ids = generate(model, torch.tensor([list(b"def ")]), 20, temperature=0.8,
+                   generator=torch.Generator().manual_seed(3), slide=True)
+    assert gen.out == decode(ids[0].tolist()) + "\n"
     assert main(["generate", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3",
                  "--temperature", "0", "--no-cache"]) == 0
     greedy_nocache = capsys.readouterr().out

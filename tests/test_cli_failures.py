@@ -287,3 +287,35 @@ def test_convert_force_replaces_only_what_it_writes(world: dict[str, str], tmp_p
                                                                                          dst.iterdir()}
     assert "model-00001-of-00002.safetensors" in capsys.readouterr().err  # named as possibly stale
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_generate_streams_so_an_interrupt_keeps_what_was_shown(world: dict[str, str],
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import moeflow.cli.generate as gen_cli
+
+    real = gen_cli.generate
+
+    def interrupted(*args: object, on_token: object = None, **kwargs: object) -> object:
+        count = [0]
+
+        def tick(token: object) -> None:
+            on_token(token)  # type: ignore[operator]
+            count[0] += 1
+            if count[0] == 5:
+                raise KeyboardInterrupt  # Ctrl-C after five bytes
+
+        return real(*args, on_token=tick, **kwargs)
+
+    monkeypatch.setattr(gen_cli, "generate", interrupted)
+    code = run_cli(["generate", "--run", world["lm"], "--prompt", "abc", "--max-new-tokens", "50",
+                    "--temperature", "0"])
+    captured = capsys.readouterr()
+    assert code == 130 and "interrupted" in captured.err and "Traceback" not in captured.err
+    import torch
+
+    from moeflow.train.data import decode
+    from moeflow.train.lm import model_from_run
+    model, _, _ = model_from_run(world["lm"])
+    first5 = real(model, torch.tensor([list(b"abc")]), 5, temperature=0.0, slide=True)
+    assert captured.out == decode(first5[0].tolist()) + "\n"  # the five bytes were shown before the interrupt

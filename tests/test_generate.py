@@ -246,3 +246,11 @@ def test_slide_past_max_seq_len_drops_the_oldest_context() -> None:
     out = generate(model, long_prompt, 3, temperature=0.0, slide=True)  # a prompt longer than the context
     with torch.no_grad():
         assert int(out[0, 50]) == int(model(long_prompt[:, 30:])[:, -1].argmax(-1))
+
+
+def test_on_token_streams_each_new_token() -> None:
+    model = make_model(DROPLESS["topk"])
+    prompt = torch.randint(0, 53, (2, 5), generator=torch.Generator().manual_seed(4))
+    seen: list[torch.Tensor] = []
+    out = generate(model, prompt, 7, temperature=0.0, on_token=seen.append)
+    assert torch.equal(torch.stack(seen, dim=1), out[:, 5:])

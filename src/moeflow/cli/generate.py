@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 import time
@@ -13,7 +14,6 @@ from moeflow.cli.args import NON_NEGATIVE, POSITIVE, THREADS, float_in
 from moeflow.cli.runs import require_run
 from moeflow.config import ConfigError
 from moeflow.models import generate
-from moeflow.train.data import decode
 from moeflow.train.lm import model_from_run
 from moeflow.train.trainer import resolve_device
 
@@ -63,13 +63,24 @@ def run(args: argparse.Namespace) -> int:
               "each time it fills)", file=sys.stderr)
     prompt = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    # stream the continuation as it is sampled (a long run shows progress, and an interrupt keeps what was shown);
+    # the incremental decoder waits for the rest of a multi-byte character and replaces invalid bytes like decode()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(utf8.decode(bytes(ids)))
+
+    def show(token: torch.Tensor) -> None:
+        sys.stdout.write(utf8.decode(bytes([int(token[0])])))
+        sys.stdout.flush()
+
     t0 = time.perf_counter()
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None,
-                   use_cache=not args.no_cache, generator=gen, slide=True)
+    try:
+        out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None,
+                       use_cache=not args.no_cache, generator=gen, slide=True, on_token=show)
+    finally:
+        print(utf8.decode(b"", final=True))
     dt = time.perf_counter() - t0
     new = out.shape[1] - len(ids)
-    print(decode(out[0].tolist()))
     print(f"[{new} bytes in {dt:.2f} s = {new / max(dt, 1e-9):,.0f} bytes/s, step {ckpt['step']}, "
           f"{'no ' if args.no_cache else ''}KV cache]", file=sys.stderr)
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -62,7 +64,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 @torch.no_grad()
 def generate(model: MoETransformer, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, eos_id: int | None = None, slide: bool = False) -> Tensor:
+             generator: torch.Generator | None = None, eos_id: int | None = None, slide: bool = False,
+             on_token: Callable[[Tensor], None] | None = None) -> Tensor:
     """Continue each prompt [B, S] by up to max_new_tokens tokens: returns [B, S + new].
 
     With `use_cache`, the prompt is prefilled once and each new token costs one position; without, the full
@@ -72,6 +75,8 @@ def generate(model: MoETransformer, prompt_ids: Tensor, max_new_tokens: int, tem
     The context is at most `max_seq_len` tokens. Past that, `slide=False` raises ValueError; `slide=True` drops
     the oldest tokens: when the window is full, the newest `max_seq_len // 2` are re-encoded from position 0 and
     generation continues (cached and uncached decoding see the same windows).
+
+    `on_token`, if given, is called with each new token [B] as soon as it is sampled (to stream the output).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be [batch, seq] with seq >= 1, got {tuple(prompt_ids.shape)}")
@@ -109,6 +114,8 @@ def generate(model: MoETransformer, prompt_ids: Tensor, max_new_tokens: int, tem
                     nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
                     finished = finished | (nxt == eos_id)
                 ids = torch.cat([ids, nxt[:, None].to(ids.dtype)], dim=1)
+                if on_token is not None:
+                    on_token(nxt)
                 if eos_id is not None and bool(finished.all()):
                     break
         return ids
