@@ -60,6 +60,8 @@ def _parse_experts(text: str) -> list[int]:
         raise ConfigError(f"--experts {text!r} must be comma-separated integers, e.g. 4,8,16") from None
     if not experts or any(e < 1 for e in experts):
         raise ConfigError(f"--experts {text!r} must list one or more positive expert counts, e.g. 4,8,16")
+    if len(set(experts)) != len(experts):  # one folder per count: a repeat would overwrite the first run
+        raise ConfigError(f"--experts {text!r} lists a count twice; give distinct counts, e.g. 4,8,16")
     return experts
 
 
