@@ -124,7 +124,7 @@ CASES: list[tuple[str, str]] = [
     # compare
     ("compare-experts-word", "compare --experts a,b --out {new}"),
     ("compare-experts-0", "compare --experts 0 --out {new}"),
-    ("compare-experts-repeated", "compare --experts 4,4 --out {new}"),
+    ("compare-experts-repeated", "compare --experts 4,4 --data {data} --max-steps 1 --out {new}"),
     ("compare-translate-preset", "compare --preset gshard"),
     ("compare-into-runs", "compare --data {data} --out {base} --name runs --max-steps 1"),
     # convert
