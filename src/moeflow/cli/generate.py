@@ -14,6 +14,7 @@ from moeflow.cli.args import NON_NEGATIVE, POSITIVE, THREADS, float_in
 from moeflow.cli.runs import require_run
 from moeflow.config import ConfigError
 from moeflow.models import generate
+from moeflow.models.generate import decode_is_serial
 from moeflow.train.lm import model_from_run
 from moeflow.train.trainer import resolve_device
 
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix every step (no KV cache)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--threads", type=THREADS, default=None,
-                   help="torch CPU threads (default: the run's train.threads)")
+                   help="torch CPU threads (default: 1 where a cached decode step is small, else the run's "
+                        "train.threads)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     require_run(args.run, "lm", "moeflow generate")
     device = resolve_device(args.device)
     model, cfg, ckpt = model_from_run(args.run, device=str(device))
-    threads = cfg.train.threads if args.threads is None else args.threads
+    threads = args.threads
+    if threads is None:
+        # small cached decode steps are faster on one thread (decode_is_serial); else the run's own count
+        threads = 1 if device.type == "cpu" and not args.no_cache and decode_is_serial(model, 1) \
+            else cfg.train.threads
     if threads:
         torch.set_num_threads(threads)
     if cfg.model.vocab_size < 256:

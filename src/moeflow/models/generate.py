@@ -8,19 +8,24 @@ import torch
 from torch import Tensor
 
 from moeflow.models.llama import MoETransformer
-from moeflow.ops.threads import cpu_threads
-
-# Cached decode steps up to this many multiply-adds (batch x active parameters) run on one CPU thread. A step is a
-# hundred or so tiny ops, and split over threads each one pays a fork/join, plus a wake-up from sleep under
-# OMP_WAIT_POLICY=PASSIVE (which ./dev sets). Measured, 'tiny' preset (1.05M active), batch 1, 64 new tokens after
-# a 64-token prompt, 2 cores: 638 ms on 2 threads (PASSIVE), 287 ms (ACTIVE), 243 ms on 1 thread.
-SERIAL_DECODE_MACS = 1 << 26
+from moeflow.ops.tuning import tuning
 
 
 def _active_params(model: MoETransformer) -> int:
     """Parameters one token passes through (all of them where the config cannot tell, e.g. DeepSeek-V3)."""
     count = getattr(model.cfg, "num_active_params", None)
     return count() if callable(count) else sum(p.numel() for p in model.parameters())
+
+
+def decode_is_serial(model: MoETransformer, batch: int) -> bool:
+    """Whether a cached decode step of this model and batch is small enough to run faster on one CPU thread.
+
+    A step is a hundred or so tiny ops, and split over threads each one pays a fork/join, plus a wake-up from sleep
+    under OMP_WAIT_POLICY=PASSIVE. Measured, 'tiny' preset (1.05M active), batch 1, 64 new tokens after a 64-token
+    prompt, 2 cores: 638 ms on 2 threads (PASSIVE), 287 ms (ACTIVE), 243 ms on 1 thread. The caller (the CLI) sets
+    the thread count; generate() never changes it.
+    """
+    return batch * _active_params(model) <= tuning().serial_decode_macs
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -99,25 +104,22 @@ def generate(model: MoETransformer, prompt_ids: Tensor, max_new_tokens: int, tem
         ids = prompt_ids
         finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
         logits = model(ids[:, start:], cache)[:, -1]  # prefill: [B, V]
-        serial = (cache is not None and prompt_ids.device.type == "cpu"
-                  and b * _active_params(model) <= SERIAL_DECODE_MACS)
-        with cpu_threads(1 if serial else None):
-            for step in range(max_new_tokens):
-                if step > 0 and ids.shape[1] - start > limit:  # the newest token does not fit: slide the window
-                    start = ids.shape[1] - keep
-                    cache = model.new_cache(b, max_len=limit) if use_cache else None
-                    logits = model(ids[:, start:], cache)[:, -1]
-                elif step > 0:
-                    logits = (model(ids[:, -1:], cache) if cache is not None else model(ids[:, start:]))[:, -1]
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-                    finished = finished | (nxt == eos_id)
-                ids = torch.cat([ids, nxt[:, None].to(ids.dtype)], dim=1)
-                if on_token is not None:
-                    on_token(nxt)
-                if eos_id is not None and bool(finished.all()):
-                    break
+        for step in range(max_new_tokens):
+            if step > 0 and ids.shape[1] - start > limit:  # the newest token does not fit: slide the window
+                start = ids.shape[1] - keep
+                cache = model.new_cache(b, max_len=limit) if use_cache else None
+                logits = model(ids[:, start:], cache)[:, -1]
+            elif step > 0:
+                logits = (model(ids[:, -1:], cache) if cache is not None else model(ids[:, start:]))[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+                finished = finished | (nxt == eos_id)
+            ids = torch.cat([ids, nxt[:, None].to(ids.dtype)], dim=1)
+            if on_token is not None:
+                on_token(nxt)
+            if eos_id is not None and bool(finished.all()):
+                break
         return ids
     finally:
         model.train(was_training)
