@@ -112,3 +112,16 @@ def test_output_piped_into_head_ends_quietly() -> None:
     cmd = f"{shlex.quote(sys.executable)} -m moeflow train --list-keys | head -c 0"
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout == "" and out.stderr == ""
+
+
+def test_list_keys_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from moeflow.cli import main
+    from moeflow.train.config import config_keys
+
+    assert main(["train", "--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == config_keys()  # the key stays the first word (scripts)
+    notes = {line.split()[0]: line for line in lines}
+    assert "(tiny: 2.0)" in notes["train.diverge_factor"] and "0 = divergence check off" in notes[
+        "train.diverge_factor"]
+    assert "(tiny: 1)" in notes["train.threads"]  # the default preset's value, not the dataclass default

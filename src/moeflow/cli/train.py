@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import TextIO
 
 from moeflow.cli.args import NON_NEGATIVE, POSITIVE
 from moeflow.cli.runs import require_run, run_kind
-from moeflow.config import ConfigError
+from moeflow.config import ConfigError, dataclass_in
 from moeflow.ops.threads import cpu_threads
 from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_step, clean_stale_temps
-from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
+from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, get_preset,
                                   load_config_file, parse_set)
 from moeflow.train.data import DataError
 from moeflow.tasks.translate import TRANSLATE_PRESETS
@@ -131,6 +135,40 @@ def _nothing_to_do(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> b
     return False
 
 
+def _field_notes(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in its class's source (where this codebase documents fields)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a frozen install): keys without notes
+        return {}
+    notes = {}
+    for line in lines:
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def describe_keys(preset: str = DEFAULT_PRESET) -> list[str]:
+    """`--list-keys`: every dotted key (the first word of each line), its value in `preset` and its note."""
+    out: list[str] = []
+
+    def walk(klass: type, prefix: str, obj: object | None) -> None:
+        notes = _field_notes(klass)
+        for name, hint in typing.get_type_hints(klass).items():
+            if name not in {f.name for f in dataclasses.fields(klass)}:
+                continue
+            key, value = f"{prefix}{name}", getattr(obj, name, None)
+            sub = dataclass_in(hint)
+            shown = "" if sub is not None or obj is None else f"  ({preset}: {value!r})"
+            out.append(f"{key}{shown}{'  ' + notes[name] if name in notes else ''}")
+            if sub is not None:
+                walk(sub, key + ".", value)
+
+    walk(RunConfig, "", get_preset(preset))
+    return out
+
+
 def print_summary(result: TrainResult, report: Path, stream: TextIO | None = None) -> None:
     """The final lines: losses, speed, and where everything is."""
     stream = stream or sys.stdout
@@ -153,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_from_train_command(args)
     if args.list_keys:
-        print("\n".join(config_keys()))
+        print("\n".join(describe_keys()))
         return 0
     if args.report_only:
         run_dir = require_run(args.report_only, "lm", "moeflow train --report-only")

@@ -50,10 +50,10 @@ class TrainConfig(Config):
     # divergence (train/health.py): a loss above diverge_factor x the median of the last diverge_window healthy
     # losses (and diverge_min_delta above it) is a spike: no checkpoint is written then, and diverge_patience
     # spiking steps in a row stop the run naming the last healthy checkpoint. diverge_factor=0 turns it off.
-    diverge_factor: float = 2.0
-    diverge_window: int = 20
-    diverge_patience: int = 3
-    diverge_min_delta: float = 0.5
+    diverge_factor: float = 2.0  # spike: loss > this x the recent healthy median (0 = divergence check off)
+    diverge_window: int = 20  # healthy losses the median is taken over
+    diverge_patience: int = 3  # spiking steps in a row that stop the run
+    diverge_min_delta: float = 0.5  # a spike also exceeds the median by this much (nats)
 
     config_name = "train"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
 
