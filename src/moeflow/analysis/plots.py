@@ -33,6 +33,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write the figure as a PNG (110 dpi), free it, and return the path."""
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_loss(train_steps: np.ndarray, train_loss: np.ndarray, val_steps: np.ndarray, val_loss: np.ndarray,
               path: str | Path, title: str = "loss") -> Path:
     """Training loss (raw and smoothed) and validation loss against step."""
@@ -49,9 +57,7 @@ def plot_loss(train_steps: np.ndarray, train_loss: np.ndarray, val_steps: np.nda
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _bin_steps(steps: np.ndarray, shares: list[np.ndarray], max_columns: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -91,9 +97,7 @@ def plot_expert_load(steps: np.ndarray, shares: list[np.ndarray], path: str | Pa
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _tick_stride(n: int, max_ticks: int = 32) -> int:
@@ -118,9 +122,7 @@ def plot_layer_lines(steps: np.ndarray, values_SL: np.ndarray, path: str | Path,
         if steps.size:
             ax.set_xlim(float(steps[0]), float(steps[-1]) if steps[-1] > steps[0] else float(steps[0]) + 1)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return Path(path)
+        return save_figure(fig, path)
     window = max(1, steps.size // 50)
     for li in range(values_SL.shape[1]):
         ax.plot(steps, smooth(values_SL[:, li], window), label=f"layer {li}", lw=1.2)
@@ -129,6 +131,4 @@ def plot_layer_lines(steps: np.ndarray, values_SL: np.ndarray, path: str | Path,
     if values_SL.shape[1] <= 12:
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
