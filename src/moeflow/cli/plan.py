@@ -156,37 +156,55 @@ def _calibrate_worker(rank: int, world: int, sizes: list[int], reps: int, d: int
     """On every rank at once: timed all-to-alls of each per-peer size, then timed expert GEMMs (fwd + bwd)."""
     import torch
 
-    from moeflow.parallel import all_to_all, barrier_with_timeout, init_distributed
+    from moeflow.parallel import all_to_all, exchange_counts, init_distributed
 
     dims = init_distributed(ep=world, timeout_s=60)
+    sync = torch.zeros(world, 1, dtype=torch.int64)
+
+    def barrier() -> None:
+        # a tiny all-to-all: every rank leaves it within one latency of the others (the store-based
+        # barrier_with_timeout polls every 20 ms, which would swamp the latency being measured)
+        exchange_counts(sync, dims.ep_group, dims, "calibrate(sync)")
+
     t_end = time.monotonic() + budget_s
     a2a: dict[int, list[float]] = {}
     for m in sizes:
         n = max(m // 4, 1)  # fp32 values per peer
         x = torch.randn(n * world)
+        all_to_all(x, [n] * world, [n] * world, dims.ep_group, dims, "calibrate")  # warm-up
         a2a[m] = []
-        for i in range(reps + 1):
-            barrier_with_timeout(dims, "calibrate")
+        for _ in range(3):
+            barrier()
             t0 = time.perf_counter()
-            all_to_all(x, [n] * world, [n] * world, dims.ep_group, dims, "calibrate")
-            if i:
-                a2a[m].append(time.perf_counter() - t0)
+            for _ in range(reps):
+                all_to_all(x, [n] * world, [n] * world, dims.ep_group, dims, "calibrate")
+            a2a[m].append((time.perf_counter() - t0) / reps)
         if time.monotonic() > t_end:
             break
-    # the expert path as moeflow runs it: x W_in^T, gated activation, W_out, forward and backward, fp32
-    x = torch.randn(rows, d, requires_grad=True)
-    w_in = torch.randn(2 * h, d, requires_grad=True)
-    w_out = torch.randn(d, h, requires_grad=True)
-    times = []
-    barrier_with_timeout(dims, "calibrate")  # all ranks compute at once: an oversubscribed CPU shares its cores
-    for i in range(4):
-        t0 = time.perf_counter()
-        a, b = (x @ w_in.t()).chunk(2, dim=-1)
-        (torch.nn.functional.silu(a) * b @ w_out.t()).sum().backward()
-        if i:
-            times.append(time.perf_counter() - t0)
-    flops = 3 * 2 * rows * 3 * d * h  # fwd + bwd (2x) of the 3 D x H weight blocks
-    return {"a2a": a2a, "gemm_s": statistics.median(times), "gemm_flops": flops}
+    # the expert path as moeflow runs it: a local MoELayer (no EP), fwd + bwd, at a tiny width (its host-side
+    # overhead) and at the reference width (its FLOP rate once the overhead is taken off); all ranks at once,
+    # since an oversubscribed CPU shares its cores
+    from moeflow.config import MoEConfig
+    from moeflow.layers import MoELayer
+
+    def layer_time(dm: int, dh: int) -> float:
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig(d_model=dm, d_hidden=dh, num_experts=8, top_k=2, router="topk"))
+        xin = torch.randn(rows, dm)
+        times = []
+        barrier()
+        for i in range(4):
+            t0 = time.perf_counter()
+            (layer(xin).square().mean() + layer.aux_loss).backward()
+            layer.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    overhead = layer_time(8, 8)
+    full = layer_time(d, h)
+    flops = 3 * 2 * rows * 2 * 3 * d * h  # fwd + bwd (2x) of 2 rows per token through 3 D x H weight blocks
+    return {"a2a": a2a, "gemm_s": max(full - overhead, 1e-9), "gemm_flops": flops, "overhead_s": overhead}
 
 
 def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -204,7 +222,7 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(my - slope * mx, 0.0), 1.0 / slope
 
 
-def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, rows: int = 2048,
+def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, rows: int = 1024,
               sizes: tuple[int, ...] = (4096, 65536, 262144, 1048576, 4194304), reps: int = 5,
               log: Any = None) -> Cluster:
     """A one-node cluster describing `world` gloo ranks on this machine, from measured a2a and GEMM times."""
@@ -213,8 +231,8 @@ def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, ro
     if world < 2:
         raise SimError(f"--calibrate needs at least 2 ranks to time an all-to-all, got {world}")
     log = log or (lambda s: None)
-    log(f"calibrating {world} gloo ranks: {len(sizes)} message sizes x {reps} reps, then expert GEMMs "
-        f"(D={d}, H={h}, {rows} rows); at most {budget_s:.0f} s")
+    log(f"calibrating {world} gloo ranks: {len(sizes)} message sizes x 3 x {reps} reps, then a local MoE layer "
+        f"(D={d}, H={h}, {rows} tokens, 8 experts top-2); at most {budget_s:.0f} s")
     t0 = time.monotonic()
     res = spawn_local(_calibrate_worker, world, (list(sizes), reps, d, h, rows, budget_s * 0.7),
                       timeout_s=budget_s + 60, pg_timeout_s=60)
@@ -226,10 +244,11 @@ def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, ro
         log(f"  a2a {m:>9} B/peer: {t * 1e3:8.3f} ms")
     alpha, beta = fit_alpha_beta(points)
     rate = statistics.median(r["gemm_flops"] / r["gemm_s"] for r in res)
-    log(f"  alpha {alpha * 1e6:.0f} us, beta {beta / 1e9:.3f} GB/s, GEMM {rate / 1e9:.2f} GFLOP/s per rank "
-        f"({time.monotonic() - t0:.1f} s)")
+    overhead = statistics.median(r["overhead_s"] for r in res)
+    log(f"  alpha {alpha * 1e6:.0f} us, beta {beta / 1e9:.3f} GB/s, expert GEMMs {rate / 1e9:.2f} GFLOP/s per rank, "
+        f"layer overhead {overhead * 1e3:.2f} ms ({time.monotonic() - t0:.1f} s)")
     return Cluster(name=f"local-gloo-w{world}", ranks_per_node=world, gemm_tflops=rate / 1e12, memory_GiB=8.0,
-                   node=Tier(bandwidth_GBps=beta / 1e9, latency_us=alpha * 1e6))
+                   layer_overhead_us=overhead * 1e6, node=Tier(bandwidth_GBps=beta / 1e9, latency_us=alpha * 1e6))
 
 
 # ------------------------------------------------------------------------------------------- run

@@ -176,6 +176,7 @@ class LayerCost:
     rows_mean: float
     migrated: int  # experts copied into other domains
     migrate_sync: float  # seconds per step keeping the copies in step (expert path)
+    meta_time: float = 0.0  # dedup: bandwidth part of the index/weight exchanges per step
     fwd: float = 0.0
     bwd: float = 0.0
     a2a_fwd: float = 0.0
@@ -208,10 +209,12 @@ def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry,
     place: Placement = eplb(load_E, layout.ep, layout.replicas) if layout.replicas else contiguous(e, layout.ep)
     migrate = np.zeros(e, dtype=bool)
     if layout.migrate and g.domains > 1:
-        # break-even (seed003 §4): per remote domain n tokens cost 4 n D b_act on the data path, a copy costs
-        # 2 (J-1)/J P_e b_grad / K (ring all-reduce of its gradient over the J copies, every K steps)
+        # break-even (seed003 §4), bytes per direction of a domain's link per step: n tokens from a remote
+        # domain cost 2 n D b_act (dispatch and combine-gradient out, combine and dispatch-gradient in), a copy
+        # 2 (J-1)/J P_e b_grad / K (ring all-reduce of its gradient over the J copies, every K steps); J = 2,
+        # K = 1: move when n > P_e / (2 D), the note's 1.5 H for SwiGLU experts
         n_dom = tokens * g.per_domain * k * load_E
-        data = 4 * n_dom * d * act_bytes
+        data = 2 * n_dom * d * act_bytes
         expert = 2 * (g.domains - 1) / g.domains * model.expert_params * grad_bytes / layout.migrate_every
         migrate = data > expert
     share_a = place.rank_share(np.where(migrate, 0.0, load_E))
@@ -250,12 +253,31 @@ def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry,
         sync = all_reduce_time(float(migrate.sum()) * model.expert_params * grad_bytes / layout.migrate_every,
                                {"wan": g.domains}, cluster) / g.per_domain  # the domain's ranks share the copies
     lc = LayerCost(disp, comb, small, meta_bytes, float(flops_fwd.max() / rate), float(flops_fwd.mean() / rate),
-                   float(per_rank.max()), float(per_rank.mean()), int(migrate.sum()), sync)
+                   float(per_rank.max()), float(per_rank.mean()), int(migrate.sum()), sync, meta_t)
     lc.fwd = _pipelined(disp, lc.expert_fwd, comb, layout.overlap)
     lc.bwd = _pipelined(comb, 2 * lc.expert_fwd, disp, layout.overlap)
     lc.a2a_fwd = lc.a2a_bwd = disp.time + comb.time
     lc.tiers = {t: 4 * v for t, v in disp.tiers.items()}
     return lc
+
+
+def moe_layer_step(model: ModelShape, cluster: Cluster, layout: Layout, load_E: np.ndarray, tokens: int,
+                   value_bytes: int = 4) -> dict[str, float]:
+    """One MoELayer alone, as benchmarks/ep.py times it (EP = world, fp32): fwd + bwd + gradient all-reduce.
+
+    Also `token_a2a`: the row-carrying exchanges (the ones `collectives.all_to_all` makes: 4 token all-to-alls,
+    and for dedup the index and weight exchanges), for comparison with their measured time.
+    """
+    g = geometry(cluster, layout, layout.ep)
+    lc = layer_cost(model, cluster, layout, g, load_E, tokens, value_bytes, value_bytes)
+    rate = cluster.gemm_tflops * 1e12
+    router = 3 * 2 * tokens * model.d_model * model.num_experts / rate
+    sync = all_reduce_time(model.num_experts * model.d_model * value_bytes, group_sizes(g.dp, 1, cluster), cluster)
+    step = lc.fwd + lc.bwd + lc.small + router + sync + cluster.layer_overhead_us * 1e-6
+    meta_latency = 3 * small_a2a_time(g, cluster, layout.tier_overlap) if layout.mode == "dedup" else 0.0
+    return {"step": step, "token_a2a": lc.a2a_fwd + lc.a2a_bwd + meta_latency + lc.meta_time,
+            "expert": 3 * lc.expert_fwd, "router": router, "grad_sync": sync, "small": lc.small,
+            "rows_max": lc.rows_max}
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -265,7 +287,8 @@ class Prediction:
 
     layout: Layout
     step: float
-    breakdown: dict[str, float]  # expert, dense, a2a, small_a2a, grad_sync, migrate_sync, bubble, p2p, overlap_saved
+    breakdown: dict[str, float]  # expert, dense, a2a, small_a2a, overhead, grad_sync, migrate_sync, bubble, p2p,
+    # and overlap_saved (subtracted: what the overlap degree hides)
     a2a_tiers: dict[str, float]
     memory: dict[str, float]
     imbalance: float
@@ -353,9 +376,10 @@ def _stage_pass(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry
               lc.expert_fwd for lc in distinct) if layout.recompute else 0.0),
           "dense": 3 * dense + (dense if layout.recompute else 0.0),
           "a2a": weight * sum(lc.a2a_fwd + lc.a2a_bwd for lc in distinct),
-          "small_a2a": weight * sum(lc.small for lc in distinct)}
-    fwd += weight * sum(lc.small for lc in distinct)
-    plain = bd["expert"] + bd["dense"] + bd["a2a"] + bd["small_a2a"]
+          "small_a2a": weight * sum(lc.small for lc in distinct),
+          "overhead": moe * cluster.layer_overhead_us * 1e-6}
+    fwd += weight * sum(lc.small for lc in distinct) + bd["overhead"]
+    plain = bd["expert"] + bd["dense"] + bd["a2a"] + bd["small_a2a"] + bd["overhead"]
     bd["overlap_saved"] = plain - (fwd + bwd)
     tiers: dict[str, float] = {}
     for lc in distinct:

@@ -117,6 +117,7 @@ class Cluster(Config):
     gemm_tflops: float  # achievable FLOP/s per rank for the model's GEMMs, in 1e12
     memory_GiB: float = 80.0
     launch_us: float = 0.0  # fixed cost of one collective call, on top of the tiers' per-peer latencies
+    layer_overhead_us: float = 0.0  # host-side work of one MoE layer per step (fwd + bwd) besides GEMMs and a2a
     node: Tier
     domain: Tier | None = None  # needed once a run spans two nodes
     wan: Tier | None = None  # needed once a run spans two domains
@@ -126,7 +127,7 @@ class Cluster(Config):
         """Positive sizes and rates."""
         check_int(self, "ranks_per_node", "nodes_per_domain")
         check_number(self, "gemm_tflops", "memory_GiB", lo=0, lo_open=True)
-        check_number(self, "launch_us", lo=0)
+        check_number(self, "launch_us", "layer_overhead_us", lo=0)
         for name in TIER_NAMES:
             t = getattr(self, name)
             need(t is None or isinstance(t, Tier), f"cluster.{name} must be a tier mapping "
