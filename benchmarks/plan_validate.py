@@ -7,8 +7,8 @@
    skewed router) and the modes variable / dedup / padded, recording each rank's routing and CommStats.
 3. Predict with moeflow.sim from the MEASURED per-expert loads (what metrics.jsonl records) and compare:
    - bytes: exact (from each rank's kept assignments) must equal CommStats; expected (from loads only) error;
-   - step time (slowest rank, median over steps) and token all-to-all time (the rank that waited least, i.e.
-     the transfer itself: the others also wait for slower peers' experts), error in %.
+   - step time (slowest rank, median over steps) and token all-to-all time (per exchange: the critical path,
+     from the last rank entering each exchange to the last leaving it, summed), error in %.
 
     python benchmarks/plan_validate.py            # worlds 2,4; ~3 min on 2 idle cores
     python benchmarks/plan_validate.py --quick    # tiny sizes, one skew (smoke test)
@@ -42,13 +42,16 @@ E, K, CF = 8, 2, 1.25
 
 
 def _timed_exchange(orig):  # noqa: ANN001, ANN202
-    """Wrap collectives._exchange (every row-carrying all-to-all, forward and backward) to sum its seconds."""
+    """Wrap collectives._exchange (every row-carrying all-to-all, forward and backward) to log (start, end).
+
+    perf_counter is CLOCK_MONOTONIC, one clock for every process of this machine, so the ranks' stamps compare:
+    an exchange costs the step (last start -> last end), not what one rank waited for slower peers."""
     def wrapped(*a, **kw):  # noqa: ANN002, ANN003, ANN202
         t0 = time.perf_counter()
         out = orig(*a, **kw)
-        wrapped.seconds += time.perf_counter() - t0
+        wrapped.stamps.append((t0, time.perf_counter()))
         return out
-    wrapped.seconds = 0.0
+    wrapped.stamps = []
     return wrapped
 
 
@@ -85,7 +88,7 @@ def worker(rank: int, world: int, cases: list[dict], tokens: int, steps: int, wa
         eids = tids = None
         for step in range(warmup + steps):
             dist.barrier()
-            timer.seconds = 0.0
+            timer.stamps = []
             t0 = time.perf_counter()
             y = layer(x)
             (y.square().mean() + layer.aux_loss).backward()
@@ -97,7 +100,7 @@ def worker(rank: int, world: int, cases: list[dict], tokens: int, steps: int, wa
             r = layer.last_routing
             kept = r.kept_N
             times.append(elapsed)
-            a2a.append(timer.seconds)
+            a2a.append(list(timer.stamps))
             measured.append(layer.dispatcher.last_comm.remote_bytes_sent)
             counts.append(np.bincount(r.expert_ids_N[kept].numpy(), minlength=E).tolist())
             eids, tids = r.expert_ids_N[kept].numpy().tolist(), r.token_ids_N[kept].numpy().tolist()
@@ -132,7 +135,10 @@ def predict(res: list[dict], world: int, cluster: Cluster, tokens: int) -> dict:
     ex = exact_rows([np.array(r["eids"]) for r in res], [np.array(r["tids"]) for r in res], E, c0["mode"], slots)
     exact = ex.remote_bytes(c0["d"] * 4)
     step_meas = statistics.median(max(ts) for ts in zip(*(r["times"] for r in res)))
-    a2a_meas = statistics.median(min(ts) for ts in zip(*(r["a2a"] for r in res)))
+    per_step = []
+    for step in zip(*(r["a2a"] for r in res)):  # per step: each rank's (start, end) of every exchange
+        per_step.append(sum(max(st[i][1] for st in step) - max(st[i][0] for st in step) for i in range(len(step[0]))))
+    a2a_meas = statistics.median(per_step)
     # expected bytes from the loads alone (most any rank sends to the others in one dispatch)
     share = contiguous(E, world).rank_share(load / load.sum())
     lc = layer_cost(model, cluster, layout, geometry(cluster, layout, world), load / load.sum(), tokens, 4, 4)
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--calib-dir", type=Path, default=None, help="reuse cluster-local-w<W>.json files from here")
+    p.add_argument("--calib-dir", type=Path, default=None,
+                   help="reuse (or write) cluster-local-w<W>-d<D>.json calibration files here")
     p.add_argument("--budget-s", type=float, default=40.0, help="calibration time per world")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--quick", action="store_true")
@@ -162,17 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores shared); T={args.tokens}/rank, E={E}, k={K}")
     rows = []
     for w in [int(v) for v in args.worlds.split(",")]:
-        path = args.calib_dir / f"cluster-local-w{w}.json" if args.calib_dir else None
-        if path is not None and path.is_file():
-            cluster = Cluster.from_dict(json.loads(path.read_text()))
-        else:
-            cluster = calibrate(w, args.budget_s, log=lambda s: print(s, flush=True))
-        print(f"W={w}: alpha {cluster.node.latency_us:.0f} us, beta {cluster.node.bandwidth_GBps:.3f} GB/s, "
-              f"GEMM {cluster.gemm_tflops * 1e3:.2f} GFLOP/s per rank")
         cases = cases_for(args.quick)
+        clusters = {}
+        for d, h in sorted({(c["d"], c["h"]) for c in cases}):
+            # the GEMM rate depends on the GEMM shape: calibrate each width (a local layer, no EP involved)
+            path = args.calib_dir / f"cluster-local-w{w}-d{d}.json" if args.calib_dir else None
+            if path is not None and path.is_file():
+                clusters[d] = Cluster.from_dict(json.loads(path.read_text()))
+            else:
+                clusters[d] = calibrate(w, args.budget_s, d=d, h=h, rows=args.tokens,
+                                        log=lambda s: print(s, flush=True))
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(clusters[d].to_dict(), indent=2))
         res = spawn_local(worker, w, (cases, args.tokens, args.steps, args.warmup), timeout_s=1800, pg_timeout_s=120)
         for i in range(len(cases)):
-            rows.append(predict([r[i] for r in res], w, cluster, args.tokens))
+            rows.append(predict([r[i] for r in res], w, clusters[cases[i]["d"]], args.tokens))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"\n{'W':>2} {'D':>5} {'H':>5} {'skew':>5} {'mode':<9}{'imb':>5} {'exact':>6}{'KiB meas':>10}"
           f"{'KiB exp':>9}{'err':>7} {'step meas':>10}{'pred':>9}{'err':>7} {'a2a meas':>9}{'pred':>9}{'err':>7}")

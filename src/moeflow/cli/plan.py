@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure gloo all-to-all alpha/beta and GEMM FLOP/s on this machine; write cluster files")
     p.add_argument("--out", type=Path, default=Path("."), help="--calibrate: folder for cluster-local-w<W>.json")
     p.add_argument("--budget-s", type=float, default=60.0, help="--calibrate: time limit per world size")
+    p.add_argument("--calib-d", type=int, default=256, help="--calibrate: model width of the timed MoE layer")
+    p.add_argument("--calib-h", type=int, default=512, help="--calibrate: expert hidden size of the timed layer")
+    p.add_argument("--calib-tokens", type=int, default=1024, help="--calibrate: tokens of the smaller timed run")
     p.add_argument("--list-presets", action="store_true", help="print the model and cluster presets and exit")
     p.set_defaults(func=run)
 
@@ -181,30 +184,38 @@ def _calibrate_worker(rank: int, world: int, sizes: list[int], reps: int, d: int
             a2a[m].append((time.perf_counter() - t0) / reps)
         if time.monotonic() > t_end:
             break
-    # the expert path as moeflow runs it: a local MoELayer (no EP), fwd + bwd, at a tiny width (its host-side
-    # overhead) and at the reference width (its FLOP rate once the overhead is taken off); all ranks at once,
-    # since an oversubscribed CPU shares its cores
+    # the expert path as moeflow runs it: a local MoELayer (no EP), fwd + bwd, at `rows` and 4x `rows` tokens;
+    # the slope is the expert GEMM rate, the intercept the per-layer host overhead. First all ranks at once (an
+    # oversubscribed CPU shares its cores), then rank 0 alone (what a hot rank gets while the others wait).
     from moeflow.config import MoEConfig
     from moeflow.layers import MoELayer
 
-    def layer_time(dm: int, dh: int) -> float:
-        torch.manual_seed(0)
-        layer = MoELayer(MoEConfig(d_model=dm, d_hidden=dh, num_experts=8, top_k=2, router="topk"))
-        xin = torch.randn(rows, dm)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=d, d_hidden=h, num_experts=8, top_k=2, router="topk"))
+
+    def layer_time(tokens: int, alone: bool) -> float:
+        xin = torch.randn(tokens, d)
         times = []
         barrier()
-        for i in range(4):
-            t0 = time.perf_counter()
-            (layer(xin).square().mean() + layer.aux_loss).backward()
-            layer.zero_grad(set_to_none=True)
-            if i:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        if not alone or rank == 0:  # alone: the others wait in the next barrier, leaving the cores to rank 0
+            for i in range(4):
+                t0 = time.perf_counter()
+                (layer(xin).square().mean() + layer.aux_loss).backward()
+                layer.zero_grad(set_to_none=True)
+                if i:
+                    times.append(time.perf_counter() - t0)
+        barrier()
+        return statistics.median(times) if times else 0.0
 
-    overhead = layer_time(8, 8)
-    full = layer_time(d, h)
-    flops = 3 * 2 * rows * 2 * 3 * d * h  # fwd + bwd (2x) of 2 rows per token through 3 D x H weight blocks
-    return {"a2a": a2a, "gemm_s": max(full - overhead, 1e-9), "gemm_flops": flops, "overhead_s": overhead}
+    per_token = 3 * 2 * 2 * 3 * d * h  # fwd + bwd (2x) of 2 rows per token through 3 D x H weight blocks
+    small, big = layer_time(rows, False), layer_time(4 * rows, False)
+    rate = 3 * rows * per_token / max(big - small, 1e-9)
+    alone = 0.0
+    small1, big1 = layer_time(rows, True), layer_time(4 * rows, True)
+    if rank == 0:
+        alone = 3 * rows * per_token / max(big1 - small1, 1e-9)
+    return {"a2a": a2a, "rate": rate, "rate_alone": alone,
+            "overhead_s": max(small - rows * per_token / rate, 0.0)}
 
 
 def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -232,7 +243,7 @@ def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, ro
         raise SimError(f"--calibrate needs at least 2 ranks to time an all-to-all, got {world}")
     log = log or (lambda s: None)
     log(f"calibrating {world} gloo ranks: {len(sizes)} message sizes x 3 x {reps} reps, then a local MoE layer "
-        f"(D={d}, H={h}, {rows} tokens, 8 experts top-2); at most {budget_s:.0f} s")
+        f"(D={d}, H={h}, {rows} and {4 * rows} tokens, 8 experts top-2); at most {budget_s:.0f} s")
     t0 = time.monotonic()
     res = spawn_local(_calibrate_worker, world, (list(sizes), reps, d, h, rows, budget_s * 0.7),
                       timeout_s=budget_s + 60, pg_timeout_s=60)
@@ -243,12 +254,21 @@ def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, ro
         points.append(((world - 1) * m, t))  # bytes each rank sends to the others
         log(f"  a2a {m:>9} B/peer: {t * 1e3:8.3f} ms")
     alpha, beta = fit_alpha_beta(points)
-    rate = statistics.median(r["gemm_flops"] / r["gemm_s"] for r in res)
+    rate = statistics.median(r["rate"] for r in res)  # per rank, all ranks busy
+    alone = res[0]["rate_alone"]  # one rank with the machine to itself
     overhead = statistics.median(r["overhead_s"] for r in res)
-    log(f"  alpha {alpha * 1e6:.0f} us, beta {beta / 1e9:.3f} GB/s, expert GEMMs {rate / 1e9:.2f} GFLOP/s per rank, "
-        f"layer overhead {overhead * 1e3:.2f} ms ({time.monotonic() - t0:.1f} s)")
-    return Cluster(name=f"local-gloo-w{world}", ranks_per_node=world, gemm_tflops=rate / 1e12, memory_GiB=8.0,
-                   layer_overhead_us=overhead * 1e6, node=Tier(bandwidth_GBps=beta / 1e9, latency_us=alpha * 1e6))
+    # ranks' worth of compute when all are busy: 2 cores under 4 ranks -> ~2; none missing -> no sharing model
+    shared = min(world * rate / alone, float(world)) if alone > 0 else float(world)
+    share_model = shared < 0.9 * world
+    log(f"  alpha {alpha * 1e6:.0f} us, beta {beta / 1e9:.3f} GB/s per rank ({world * beta / 1e9:.3f} in all), "
+        f"expert GEMMs {rate / 1e9:.2f} GFLOP/s per rank with all busy, {alone / 1e9:.2f} alone "
+        f"({shared:.2f} ranks' worth of compute), layer overhead {overhead * 1e3:.2f} ms "
+        f"({time.monotonic() - t0:.1f} s)")
+    # loopback is one shared resource (memory copies on the same cores): bandwidth for the whole node
+    return Cluster(name=f"local-gloo-w{world}", ranks_per_node=world, memory_GiB=8.0,
+                   gemm_tflops=(alone if share_model else rate) / 1e12, layer_overhead_us=overhead * 1e6,
+                   node_compute_ranks=shared if share_model else 0.0,
+                   node=Tier(bandwidth_GBps=world * beta / 1e9, latency_us=alpha * 1e6, shared_by="node"))
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -356,9 +376,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     worlds = _ints(args.ranks or "2", "ranks")
     if args.budget_s <= 0:
         raise SimError(f"--budget-s must be > 0, got {args.budget_s}")
+    if min(args.calib_d, args.calib_h, args.calib_tokens) < 1:
+        raise SimError("--calib-d, --calib-h and --calib-tokens must be positive")
     args.out.mkdir(parents=True, exist_ok=True)
     for w in worlds:
-        c = calibrate(w, args.budget_s, log=lambda s: print(s, file=sys.stderr, flush=True))
+        c = calibrate(w, args.budget_s, d=args.calib_d, h=args.calib_h, rows=args.calib_tokens,
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
         path = args.out / f"cluster-local-w{w}.json"
         path.write_text(json.dumps(c.to_dict(), indent=2) + "\n")
         print(f"wrote {path}")

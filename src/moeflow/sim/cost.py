@@ -10,10 +10,11 @@ sums over a rank's node / domain / the rest, never a P x P loop (`rows_matrix` i
 One token all-to-all, rank s, tier t in (node, domain, wan):
     t_t(s) = latency_t + per_peer_t * peers_t + max(sent_t(s), received_t(s)) * row_bytes / beta_t
     a2a = launch + max over s of sum_t t_t(s)   (max_t with tier_overlap: a two-tier a2a whose tiers run at once)
-A shared link (shared_by node/domain) gives each rank beta / (ranks sharing it).
+A link shared by a node or domain (shared_by) carries the unit's total: t = max(sum sent, sum received) / beta.
 Experts: a rank's time is rows_received * 2 * weights_per_expert / gemm_rate forward, twice that backward; the
-slowest rank gates the combine. Overlap degree d pipelines dispatch, experts, combine in d chunks:
-    x = (alpha_part + bytes_part/d for each a2a, compute/d);  t = sum(x) + (d - 1) * max(x)
+slowest rank gates the combine. Overlap degree d pipelines dispatch, experts, combine in d chunks; the two
+all-to-alls share the network (comm = d * latencies + bytes / beta), the experts the cores (c):
+    t = max(comm + c / d, c + first dispatch chunk + last combine chunk)
 """
 
 from __future__ import annotations
@@ -103,31 +104,43 @@ def tier_volumes(rows_JP: np.ndarray, g: Geometry) -> tuple[dict[str, np.ndarray
 
 def a2a_time(rows_JP: np.ndarray, g: Geometry, cluster: Cluster, row_bytes: float, tier_overlap: bool,
              meta_JP: np.ndarray | None = None) -> A2ATime:
-    """α-β time of one token all-to-all (see the module docstring)."""
+    """α-β time of one token all-to-all (see the module docstring); `meta_JP`: extra bytes (not rows)."""
     sent, recv = tier_volumes(rows_JP, g)
+    rows_out = sum(sent[t] for t in TIER_NAMES)
     if meta_JP is not None:
         ms, mr = tier_volumes(meta_JP, g)
+        sent = {t: v * row_bytes + ms[t] for t, v in sent.items()}
+        recv = {t: v * row_bytes + mr[t] for t, v in recv.items()}
+    else:
+        sent = {t: v * row_bytes for t, v in sent.items()}
+        recv = {t: v * row_bytes for t, v in recv.items()}
     per_tier, alphas = {}, np.zeros(g.ep)
     for name in TIER_NAMES:
         peers = g.peers[name]
         if peers == 0:
             continue
-        tier, beta = cluster.tier(name), cluster.rank_bandwidth(name)
-        vol = np.maximum(sent[name], recv[name]) * row_bytes
-        if meta_JP is not None:
-            vol = vol + np.maximum(ms[name], mr[name])
+        tier = cluster.tier(name)
         a = (tier.latency_us + tier.per_peer_us * peers) * 1e-6
-        per_tier[name] = a + vol / beta
         alphas = np.maximum(alphas, a) if tier_overlap else alphas + a
+        if tier.shared_by == "rank":
+            per_tier[name] = a + np.maximum(sent[name], recv[name]) / (tier.bandwidth_GBps * 1e9)
+            continue
+        # one link per node/domain: it carries the whole unit's traffic (every EP group in it sends at once),
+        # so a hot receiver does not slow it more than its share of the total
+        unit = cluster.ranks_per_node if tier.shared_by == "node" else cluster.ranks_per_domain
+        in_group = min(unit, g.ep)
+        copies = unit / in_group
+        out_u = sent[name].reshape(-1, in_group).sum(1) * copies
+        in_u = recv[name].reshape(-1, in_group).sum(1) * copies
+        per_tier[name] = a + np.repeat(np.maximum(out_u, in_u), in_group) / (tier.bandwidth_GBps * 1e9)
     if not per_tier:
         return A2ATime(0.0, 0.0, {}, 0.0)
     stack = np.stack(list(per_tier.values()))
     launch = cluster.launch_us * 1e-6
     per_rank = (stack.max(0) if tier_overlap else stack.sum(0)) + launch
     s = int(np.argmax(per_rank))
-    out = sum(sent[t] for t in TIER_NAMES)
     return A2ATime(float(per_rank[s]), float(alphas[s]) + launch, {t: float(v[s]) for t, v in per_tier.items()},
-                   float(out.max()))
+                   float(rows_out.max()))
 
 
 def small_a2a_time(g: Geometry, cluster: Cluster, tier_overlap: bool) -> float:
@@ -190,11 +203,16 @@ class LayerCost:
 
 
 def _pipelined(a1: A2ATime, c: float, a3: A2ATime, d: int) -> float:
-    """dispatch -> experts -> combine split into d chunks (each chunk pays every latency again)."""
+    """dispatch -> experts -> combine in d chunks; both all-to-alls share the network, experts the cores.
+
+    Each chunk pays every latency again. Whichever resource is busier sets the pace, plus the part of the other
+    that cannot overlap (the first dispatch and last combine chunk, or one expert chunk).
+    """
     if d == 1:
         return a1.time + c + a3.time
-    x = [a1.scaled(1 / d), c / d, a3.scaled(1 / d)]
-    return sum(x) + (d - 1) * max(x)
+    comm = d * (a1.alpha + a3.alpha) + (a1.time - a1.alpha) + (a3.time - a3.alpha)
+    fill = a1.scaled(1 / d) + a3.scaled(1 / d)
+    return max(comm + c / d, c + fill)
 
 
 def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry, load_E: np.ndarray,
@@ -248,11 +266,16 @@ def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry,
     per_rank = g.per_domain * recv_rows.sum(0)  # every sender of each domain sends rows_JP[j, r]
     flops_fwd = 2.0 * model.expert_params * per_rank
     rate = cluster.gemm_tflops * 1e12
+    slowest = float(flops_fwd.max() / rate)
+    if cluster.node_compute_ranks:
+        # processor sharing on each node: the busiest rank alone, or the node's total over its compute
+        node_total = flops_fwd.reshape(-1, g.per_node).sum(1) * (cluster.ranks_per_node / g.per_node)
+        slowest = max(slowest, float(node_total.max() / (cluster.node_compute_ranks * rate)))
     sync = 0.0
     if migrate.any():
         sync = all_reduce_time(float(migrate.sum()) * model.expert_params * grad_bytes / layout.migrate_every,
                                {"wan": g.domains}, cluster) / g.per_domain  # the domain's ranks share the copies
-    lc = LayerCost(disp, comb, small, meta_bytes, float(flops_fwd.max() / rate), float(flops_fwd.mean() / rate),
+    lc = LayerCost(disp, comb, small, meta_bytes, slowest, float(flops_fwd.mean() / rate),
                    float(per_rank.max()), float(per_rank.mean()), int(migrate.sum()), sync, meta_t)
     lc.fwd = _pipelined(disp, lc.expert_fwd, comb, layout.overlap)
     lc.bwd = _pipelined(comb, 2 * lc.expert_fwd, disp, layout.overlap)

@@ -118,6 +118,9 @@ class Cluster(Config):
     memory_GiB: float = 80.0
     launch_us: float = 0.0  # fixed cost of one collective call, on top of the tiers' per-peer latencies
     layer_overhead_us: float = 0.0  # host-side work of one MoE layer per step (fwd + bwd) besides GEMMs and a2a
+    # ranks' worth of compute one node has when all its ranks are busy (0: one per rank, as with GPUs); CPU ranks
+    # that oversubscribe cores share them, so a hot rank runs faster once the others wait (processor sharing)
+    node_compute_ranks: float = 0.0
     node: Tier
     domain: Tier | None = None  # needed once a run spans two nodes
     wan: Tier | None = None  # needed once a run spans two domains
@@ -127,7 +130,7 @@ class Cluster(Config):
         """Positive sizes and rates."""
         check_int(self, "ranks_per_node", "nodes_per_domain")
         check_number(self, "gemm_tflops", "memory_GiB", lo=0, lo_open=True)
-        check_number(self, "launch_us", "layer_overhead_us", lo=0)
+        check_number(self, "launch_us", "layer_overhead_us", "node_compute_ranks", lo=0)
         for name in TIER_NAMES:
             t = getattr(self, name)
             need(t is None or isinstance(t, Tier), f"cluster.{name} must be a tier mapping "
@@ -253,10 +256,13 @@ class Layout(Config):
 
 # ------------------------------------------------------------------------------------------- presets
 def _switch_c_2048() -> ModelShape:
-    # Switch-C (Fedus et al. 2022, Table 9): d_model 2048, d_ff 6144, 32 heads, 15 layers, every FFN an MoE of
-    # 2048 experts, top-1, capacity factor 1.0 (the MoE layers of the encoder and decoder counted as one stack)
-    return ModelShape(name="switch-c-2048", d_model=2048, n_layers=15, moe_layers=15, num_experts=2048, top_k=1,
-                      d_expert=6144, gated=False, n_heads=32, vocab_size=32128, capacity_factor=1.0)
+    # Switch-C (Fedus et al. 2022, Table 9): d_model 2048, d_ff 6144, 32 heads, 15 layers per stack (T5 counts
+    # encoder and decoder separately: 30 in all), every FFN an MoE of 2048 experts, top-1, capacity factor 1.0;
+    # 1.55T expert weights of the paper's 1571B. Decoder layers also cross-attend: 6 D^2 attention weights on average
+    d = 2048
+    return ModelShape(name="switch-c-2048", d_model=d, n_layers=30, moe_layers=30, num_experts=2048, top_k=1,
+                      d_expert=6144, gated=False, attn_params=6 * d * d, n_heads=32, vocab_size=32128,
+                      capacity_factor=1.0)
 
 
 def _gshard_600b() -> ModelShape:
