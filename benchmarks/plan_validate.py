@@ -170,18 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for w in [int(v) for v in args.worlds.split(",")]:
         cases = cases_for(args.quick)
-        clusters = {}
+        clusters: dict[int, Cluster] = {}
+        net = None
         for d, h in sorted({(c["d"], c["h"]) for c in cases}):
             # the GEMM rate depends on the GEMM shape: calibrate each width (a local layer, no EP involved)
             path = args.calib_dir / f"cluster-local-w{w}-d{d}.json" if args.calib_dir else None
             if path is not None and path.is_file():
                 clusters[d] = Cluster.from_dict(json.loads(path.read_text()))
             else:
-                clusters[d] = calibrate(w, args.budget_s, d=d, h=h, rows=args.tokens,
-                                        log=lambda s: print(s, flush=True))
+                # the network once per world (more repetitions), the compute per width
+                clusters[d] = calibrate(w, args.budget_s, d=d, h=h, rows=args.tokens, reps=10 if net is None else 5,
+                                        log=lambda s: print(s, flush=True), network=net)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(clusters[d].to_dict(), indent=2))
+            net = net or clusters[d].node
         res = spawn_local(worker, w, (cases, args.tokens, args.steps, args.warmup), timeout_s=1800, pg_timeout_s=120)
         for i in range(len(cases)):
             rows.append(predict([r[i] for r in res], w, clusters[cases[i]["d"]], args.tokens))

@@ -313,6 +313,8 @@ CLUSTER_PRESETS: dict[str, Callable[[], Cluster]] = {
     "dgx-h100": lambda: _gpu_node("dgx-h100", 450.0, 50.0, 600.0, 80.0),
     # H800: NVLink cut to ~160 GB/s (DeepSeek-V3 §3.2.2), same NIC
     "hgx-h800": lambda: _gpu_node("hgx-h800", 160.0, 50.0, 600.0, 80.0),
+    # H200: the H100's links and compute with 141 GB of HBM3e
+    "hgx-h200": lambda: _gpu_node("hgx-h200", 450.0, 50.0, 600.0, 141.0),
     # NVLink3 300 GB/s, 200 Gb/s HDR NIC per GPU; ~65% of 312 bf16 TFLOP/s
     "dgx-a100": lambda: _gpu_node("dgx-a100", 300.0, 25.0, 200.0, 80.0),
     # 8 PCIe GPUs (PCIe4 x16 ~ 25 GB/s achievable), one 100 Gb/s Ethernet NIC per node
