@@ -30,6 +30,7 @@ FAMILIES = {
     "plain EP": Search(**FIT),
     "hierarchical": Search(hierarchical=[True], modes=["dedup"], **FIT),
     "replicas": Search(replicas=[1, 2], **FIT),
+    "pipeline": Search(pp=[4, 8], microbatches=[8, 16], schedule=["1f1b", "dualpipe"], **FIT),
 }
 
 
@@ -44,50 +45,52 @@ def best(model, cluster, work, world, search):  # noqa: ANN001, ANN201
 
 def single_dc(worlds: list[int]) -> None:
     """Table 1."""
-    print("## 1. One datacenter, 8 GPUs per node (H200 for DeepSeek-V3, H100 for Switch-C), 4,096 tokens/GPU, "
-          "zipf(1.0) expert loads\n")
-    print("| model | GPUs | family | best layout | step | a2a share | imbalance |")
-    print("|---|---|---|---|---|---|---|")
+    print("## 1. One datacenter, 8 GPUs per node (H100 for Switch-C, H200 for DeepSeek-V3), 4,096 tokens/GPU\n")
+    print("| model | traffic | GPUs | family | best layout | step | a2a share | imbalance | dropped |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, preset in (("switch-c-2048", "dgx-h100"), ("deepseek-v3", "hgx-h200")):
         m, c = MODEL_SHAPES[name](), CLUSTER_PRESETS[preset]()
-        w = Workload(tokens_per_rank=4096, traffic=Traffic(kind="zipf", s=1.0))
-        for world in worlds:
-            for fam, search in FAMILIES.items():
-                p = best(m, c, w, world, search)
-                if p is None:
-                    print(f"| {name} | {world} | {fam} | does not fit / no valid layout | | | |")
-                    continue
-                print(f"| {name} | {world} | {fam} | {p.layout.label()} | {fmt_time(p.step)} | "
-                      f"{100 * p.a2a_share:.0f}% | {p.imbalance:.2f} |")
+        for traffic in (Traffic(kind="uniform"), Traffic(kind="lognormal", sigma=0.5)):
+            w = Workload(tokens_per_rank=4096, traffic=traffic)
+            tname = "uniform" if traffic.kind == "uniform" else "lognormal 0.5"
+            for world in worlds:
+                for fam, search in FAMILIES.items():
+                    p = best(m, c, w, world, search)
+                    if p is None:
+                        print(f"| {name} | {tname} | {world} | {fam} | does not fit / no valid layout | | | | |")
+                        continue
+                    print(f"| {name} | {tname} | {world} | {fam} | {p.layout.label()} | {fmt_time(p.step)} | "
+                          f"{100 * p.a2a_share:.0f}% | {p.imbalance:.2f} | {100 * p.dropped:.1f}% |")
 
 
 def multi(domains: list[int], gbits: list[float]) -> None:
-    """Table 2."""
-    print("\n## 2. Across datacenters: plain EP vs HybridEP-style migration (one link per datacenter)\n")
-    print("| model | GPUs | DCs | Gb/s | plain EP | a2a share | + migration | a2a share | migrated/layer | gain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    cases = (("switch-c-2048", "dgx-h100", 2048, 4096), ("deepseek-v3", "hgx-h200", 256, 4096))
-    for name, preset, world, tokens in cases:
+    """Table 2: one layout whose EP group spans the datacenters, with and without migration, as links slow."""
+    print("\n## 2. Across datacenters: EP spanning the DCs, plain vs HybridEP-style migration (one link per DC)\n")
+    print("| model | GPUs | DCs | tokens/GPU | n (per DC, expert) | n* | Gb/s | plain step | a2a share | "
+          "+ migration | a2a share | migrated/layer | gain | GiB/GPU (fits?) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = (("switch-c-2048", "dgx-h100", 2048, 2048, 16384), ("deepseek-v3", "hgx-h200", 256, 256, 4096))
+    for name, preset, world, ep, tokens in cases:
         m, base = MODEL_SHAPES[name](), CLUSTER_PRESETS[preset]()
         w = Workload(tokens_per_rank=tokens)
+        lay = Layout(ep=ep, zero=1, recompute=True)
         for j in domains:
             gains = []
             for gb in gbits:
                 c = multi_dc(base, world // 8 // j, gb)
-                plain = best(m, c, w, world, Search(**FIT))
-                hyb = best(m, c, w, world, Search(migrate=[True], **FIT))
-                if plain is None or hyb is None:
-                    print(f"| {name} | {world} | {j} | {gb:g} | no fit | | | | | |")
-                    continue
+                plain = simulate(m, c, w, lay, world)
+                hyb = simulate(m, c, w, lay.replace(migrate=True), world)
                 gains.append(plain.step / hyb.step)
-                print(f"| {name} | {world} | {j} | {gb:g} | {plain.layout.label()}: {fmt_time(plain.step)} | "
-                      f"{100 * plain.a2a_share:.0f}% | {hyb.layout.label()}: {fmt_time(hyb.step)} | "
-                      f"{100 * hyb.a2a_share:.0f}% | {hyb.migrated} | {plain.step / hyb.step:.2f}x |")
-            if len(gains) > 1:
-                grows = all(a >= b - 1e-9 for a, b in zip(gains[::-1], gains[-2::-1]))
-                print(f"| {name} | {world} | {j} | | gain as bandwidth falls {gbits[::-1]} Gb/s: "
-                      f"{' -> '.join(f'{g:.2f}x' for g in gains[::-1])}: {'grows' if grows else 'does NOT grow'} "
-                      "| | | | | |")
+                n = tokens * (world // j) * m.top_k / m.num_experts
+                n_star = (j - 1) / j * m.expert_params / m.d_model
+                print(f"| {name} | {world} | {j} | {tokens} | {n:.0f} | {n_star:.0f} | {gb:g} | "
+                      f"{fmt_time(plain.step)} | {100 * plain.a2a_share:.0f}% | {fmt_time(hyb.step)} | "
+                      f"{100 * hyb.a2a_share:.0f}% | {hyb.migrated} | {plain.step / hyb.step:.2f}x | "
+                      f"{hyb.memory_total / 2**30:.0f} ({'yes' if hyb.fits else 'no'}) |")
+            trend = " -> ".join(f"{g:.2f}x" for g in gains)
+            grows = all(b >= a - 1e-9 for a, b in zip(gains, gains[1:])) and gains[-1] > gains[0]
+            print(f"| {name} | {world} | {j} | | | | {' -> '.join(f'{g:g}' for g in gbits)} | gain {trend}: "
+                  f"{'grows as bandwidth falls' if grows else 'does not grow'} | | | | | | |")
 
 
 def crossover(tokens: list[int]) -> None:
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     single_dc([512, 4096] if args.quick else [256, 512, 1024, 2048, 4096])
-    multi([2] if args.quick else [2, 4, 8], [100, 10] if args.quick else [400, 100, 50, 10])
+    multi([2] if args.quick else [2, 4, 8], [400, 10] if args.quick else [400, 100, 50, 10])
     crossover([256, 4096] if args.quick else [128, 256, 512, 768, 1024, 2048, 4096, 8192, 16384])
     runtime()
     return 0

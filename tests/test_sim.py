@@ -290,3 +290,28 @@ def test_bad_inputs_get_clear_errors(tmp_path: Path) -> None:
         plan(MODEL_SHAPES["switch-c-2048"](), c, Workload(tokens_per_rank=4096), 16)
     with pytest.raises(ValueError, match="top_k=3 experts do not fit"):
         shape(e=8, k=3, route_groups=4, route_groups_per_token=1)
+
+
+def test_capacity_drops_cap_the_hot_expert() -> None:
+    """With a capacity factor an expert keeps at most cf/E of the assignments: loads 0.7/0.1/0.1/0.1 at cf 1.0
+    keep 0.25 + 3 x 0.1 = 0.55, so 45% are dropped and the hot rank's rows shrink accordingly."""
+    c, lay = one_node(2), Layout(ep=2)
+    g = geometry(c, lay, 2)
+    load = np.array([0.7, 0.1, 0.1, 0.1])
+    free = layer_cost(shape(), c, lay, g, load, 100, 4, 4)
+    capped = layer_cost(shape(capacity_factor=1.0), c, lay, g, load, 100, 4, 4)
+    assert capped.dropped == pytest.approx(0.45)
+    assert free.rows_max == pytest.approx(2 * 100 * 2 * 0.8)
+    assert capped.rows_max == pytest.approx(2 * 100 * 2 * 0.35)
+
+
+@pytest.mark.parametrize("lay", [Layout(ep=64), Layout(ep=64, mode="dedup", recompute=True),
+                                 Layout(ep=32, pp=2, microbatches=4), Layout(ep=32, pp=2, microbatches=4,
+                                                                             schedule="dualpipe", replicas=1)])
+def test_breakdown_adds_up_to_the_step(lay: Layout) -> None:
+    """Without an overlap degree nothing is hidden: the terms sum to the step time."""
+    m = MODEL_SHAPES["deepseek-v3"]()
+    p = simulate(m, CLUSTER_PRESETS["hgx-h200"](), Workload(tokens_per_rank=4096), lay, 256)
+    assert p.breakdown["overlap_saved"] == pytest.approx(0.0, abs=1e-9 * p.step)
+    total = sum(v for k, v in p.breakdown.items() if k != "overlap_saved")
+    assert total == pytest.approx(p.step)

@@ -190,6 +190,7 @@ class LayerCost:
     migrated: int  # experts copied into other domains
     migrate_sync: float  # seconds per step keeping the copies in step (expert path)
     meta_time: float = 0.0  # dedup: bandwidth part of the index/weight exchanges per step
+    dropped: float = 0.0  # share of assignments over capacity
     fwd: float = 0.0
     bwd: float = 0.0
     a2a_fwd: float = 0.0
@@ -224,6 +225,12 @@ def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry,
         if e // layout.ep < k:
             raise SimError(f"hierarchical routing with one cluster per rank needs num_experts/ep >= top_k; "
                            f"{e}/{layout.ep} < {k}")
+    dropped = 0.0
+    if model.capacity_factor is not None:
+        # each rank routes its own tokens against C = cf k T / E slots per expert: an expert keeps at most cf/E
+        # of the assignments (every rank routing like the batch); the rest are dropped (residual path)
+        load_E = np.minimum(load_E, model.capacity_factor / e)
+        dropped = float(max(0.0, 1.0 - load_E.sum()))
     place: Placement = eplb(load_E, layout.ep, layout.replicas) if layout.replicas else contiguous(e, layout.ep)
     migrate = np.zeros(e, dtype=bool)
     if layout.migrate and g.domains > 1:
@@ -276,7 +283,7 @@ def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry,
         sync = all_reduce_time(float(migrate.sum()) * model.expert_params * grad_bytes / layout.migrate_every,
                                {"wan": g.domains}, cluster) / g.per_domain  # the domain's ranks share the copies
     lc = LayerCost(disp, comb, small, meta_bytes, slowest, float(flops_fwd.mean() / rate),
-                   float(per_rank.max()), float(per_rank.mean()), int(migrate.sum()), sync, meta_t)
+                   float(per_rank.max()), float(per_rank.mean()), int(migrate.sum()), sync, meta_t, dropped)
     lc.fwd = _pipelined(disp, lc.expert_fwd, comb, layout.overlap)
     lc.bwd = _pipelined(comb, 2 * lc.expert_fwd, disp, layout.overlap)
     lc.a2a_fwd = lc.a2a_bwd = disp.time + comb.time
@@ -318,6 +325,7 @@ class Prediction:
     migrated: int
     fits: bool
     world: int
+    dropped: float = 0.0  # mean share of assignments over capacity (capacity_factor set)
 
     @property
     def memory_total(self) -> float:
@@ -340,6 +348,7 @@ class Prediction:
                 "breakdown_s": self.breakdown, "a2a_tiers_s": self.a2a_tiers, "a2a_share": self.a2a_share,
                 "memory_GiB": {k: v / 2**30 for k, v in self.memory.items()}, "imbalance": self.imbalance,
                 "migrated_experts_per_layer": self.migrated, "fits": self.fits, "dominant": self.dominant,
+                "dropped": self.dropped,
                 "world": self.world}
 
 
@@ -358,16 +367,17 @@ def memory(model: ModelShape, work: Workload, layout: Layout, g: Geometry, migra
     # a domain holds copies of the migrated experts homed in the other domains, spread over its ranks
     slots = model.num_experts // layout.ep + layout.replicas + math.ceil(migrated * (g.domains - 1) / g.domains
                                                                          / g.per_domain)
-    params = model.dense_params() / layout.pp + model.moe_layers / layout.pp * slots * model.expert_params
+    moe_stage = math.ceil(model.moe_layers / layout.pp)
+    params = model.dense_params() / layout.pp + moe_stage * slots * model.expert_params
     in_flight = (layout.pp + 1 if layout.schedule == "dualpipe" else min(layout.pp, layout.microbatches))
     tokens = work.tokens_per_rank / layout.microbatches * in_flight
-    layers = model.n_layers / layout.pp
+    layers = math.ceil(model.n_layers / layout.pp)
     mult = 3 if model.gated else 2
     if layout.recompute:
         per_token = layers * model.d_model
     else:
         per_token = layers * work.activation_factor * model.d_model \
-            + model.moe_layers / layout.pp * model.top_k * (2 * model.d_model + mult * model.d_expert)
+            + moe_stage * model.top_k * (2 * model.d_model + mult * model.d_expert)
     if layout.schedule == "dualpipe":
         params *= 2  # DualPipe keeps two copies of the parameters (seed003 §2.2)
     # ZeRO shards dense state over the stage's data-parallel ranks and expert state over the EDP group
@@ -383,25 +393,28 @@ def memory(model: ModelShape, work: Workload, layout: Layout, g: Geometry, migra
 def _stage_pass(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry, work: Workload,
                 loads: list[np.ndarray], tokens: int) -> tuple[float, float, dict[str, float], LayerCost]:
     """(forward, backward, breakdown, first MoE layer) of one microbatch through one pipeline stage."""
-    moe = model.moe_layers / layout.pp
-    layers = model.n_layers / layout.pp
+    # an uneven split: the busiest stage (ceil of layers / pp) sets the pace
+    moe = math.ceil(model.moe_layers / layout.pp)
+    layers = math.ceil(model.n_layers / layout.pp)
     distinct = [layer_cost(model, cluster, layout, g, ld, tokens, work.act_bytes, work.grad_bytes) for ld in loads]
     weight = moe / len(distinct)  # per-layer loads repeat evenly over the stage's MoE layers
     rate = cluster.gemm_tflops * 1e12
-    dense = dense_flops_fwd(model, tokens, work.seq_len, round(layers), round(moe), head=False) / rate
+    dense = dense_flops_fwd(model, tokens, work.seq_len, layers, moe, head=False) / rate
     if layout.pp == 1:
         dense += 2 * tokens * model.vocab_size * model.d_model / rate
     fwd = dense + weight * sum(lc.fwd for lc in distinct)
     bwd = 2 * dense + weight * sum(lc.bwd for lc in distinct)
     if layout.recompute:
         bwd += fwd
-    bd = {"expert": weight * sum(3 * lc.expert_fwd for lc in distinct) + (weight * sum(
-              lc.expert_fwd for lc in distinct) if layout.recompute else 0.0),
-          "dense": 3 * dense + (dense if layout.recompute else 0.0),
-          "a2a": weight * sum(lc.a2a_fwd + lc.a2a_bwd for lc in distinct),
-          "small_a2a": weight * sum(lc.small for lc in distinct),
+    again = 1.0 if layout.recompute else 0.0  # recomputation runs each forward, its all-to-alls included, twice
+    bd = {"expert": weight * sum((3 + again) * lc.expert_fwd for lc in distinct),
+          "dense": (3 + again) * dense,
+          "a2a": weight * sum((1 + again) * lc.a2a_fwd + lc.a2a_bwd for lc in distinct),
+          "small_a2a": weight * sum((1 + again) * lc.small for lc in distinct),
           "overhead": moe * cluster.layer_overhead_us * 1e-6}
     fwd += weight * sum(lc.small for lc in distinct) + bd["overhead"]
+    if layout.recompute:
+        bwd += weight * sum(lc.small for lc in distinct)
     plain = bd["expert"] + bd["dense"] + bd["a2a"] + bd["small_a2a"] + bd["overhead"]
     bd["overlap_saved"] = plain - (fwd + bwd)
     tiers: dict[str, float] = {}
@@ -409,6 +422,7 @@ def _stage_pass(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry
         for t, v in lc.tiers.items():
             tiers[t] = tiers.get(t, 0.0) + weight * v
     bd["tiers"] = tiers  # type: ignore[assignment]
+    bd["dropped"] = float(np.mean([lc.dropped for lc in distinct]))  # type: ignore[assignment]
     return fwd, bwd, bd, max(distinct, key=lambda lc: lc.rows_max)
 
 
@@ -422,13 +436,14 @@ def simulate(model: ModelShape, cluster: Cluster, work: Workload, layout: Layout
     if work.tokens_per_rank % layout.microbatches:
         raise SimError(f"tokens_per_rank={work.tokens_per_rank} is not divisible by microbatches="
                        f"{layout.microbatches}")
-    if model.n_layers % layout.pp:
-        raise SimError(f"n_layers={model.n_layers} cannot be split evenly into pp={layout.pp} stages")
+    if layout.pp > model.n_layers:
+        raise SimError(f"pp={layout.pp} stages exceed the model's {model.n_layers} layers")
     loads = loads if loads is not None else layer_loads(work.traffic, model)
     mb = work.tokens_per_rank // layout.microbatches
     f, b, bd, hot = _stage_pass(model, cluster, layout, g, work, loads, mb)
     m, pp = layout.microbatches, layout.pp
     tiers = bd.pop("tiers")  # type: ignore[arg-type]
+    dropped = bd.pop("dropped")
     scale = {k: v * m for k, v in bd.items()}
     p2p = 0.0
     if pp > 1:
@@ -448,7 +463,7 @@ def simulate(model: ModelShape, cluster: Cluster, work: Workload, layout: Layout
     rate_bd["p2p"] = (m + pp - 1) * p2p
     # gradients: dense weights over the stage's dp ranks, expert weights over the EDP group (ranks ep apart);
     # moeflow reduces after backward, so nothing hides them
-    mw = model.moe_layers / pp
+    mw = math.ceil(model.moe_layers / pp)
     dense_bytes = (model.dense_params() / pp) * work.grad_bytes
     expert_bytes = mw * (model.num_experts // layout.ep + layout.replicas) * model.expert_params * work.grad_bytes
     sync = all_reduce_time(dense_bytes, group_sizes(g.dp, 1, cluster), cluster)
@@ -460,4 +475,4 @@ def simulate(model: ModelShape, cluster: Cluster, work: Workload, layout: Layout
     mem = memory(model, work, layout, g, hot.migrated)
     fits = sum(mem.values()) <= cluster.memory_GiB * 2**30
     return Prediction(layout, step, rate_bd, {t: v * m for t, v in tiers.items()}, mem, hot.imbalance,
-                      hot.migrated, fits, world)
+                      hot.migrated, fits, world, dropped)

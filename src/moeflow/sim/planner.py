@@ -184,7 +184,7 @@ def fmt_time(s: float) -> str:
 def breakdown_table(preds: list[Prediction], top: int = 10) -> list[str]:
     """The ranked table: step time, a2a share, each term, memory, imbalance and whether moeflow runs it."""
     head = (f"{'#':>2} {'layout':<34}{'step':>10}{'a2a%':>6}{'expert':>9}{'dense':>9}{'a2a':>9}{'small':>8}"
-            f"{'grad':>9}{'bubble':>8}{'mig':>8}{'GiB':>7}{'imb':>6} moeflow")
+            f"{'grad':>9}{'bubble':>8}{'mig':>8}{'GiB':>7}{'imb':>6}{'drop%':>6} moeflow")
     lines = [head]
     for i, p in enumerate(preds[:top], 1):
         b = p.breakdown
@@ -192,7 +192,7 @@ def breakdown_table(preds: list[Prediction], top: int = 10) -> list[str]:
                      f"{fmt_time(b['expert']):>9}{fmt_time(b['dense']):>9}{fmt_time(b['a2a']):>9}"
                      f"{fmt_time(b['small_a2a']):>8}{fmt_time(b['grad_sync']):>9}{fmt_time(b['bubble']):>8}"
                      f"{fmt_time(b['migrate_sync']):>8}{p.memory_total / 2**30:>7.1f}"
-                     f"{p.imbalance:>6.2f} {'yes' if in_moeflow(p.layout) else 'modelled'}")
+                     f"{p.imbalance:>6.2f}{100 * p.dropped:>6.1f} {'yes' if in_moeflow(p.layout) else 'modelled'}")
     return lines
 
 
