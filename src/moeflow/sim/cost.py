@@ -370,7 +370,7 @@ def memory(model: ModelShape, work: Workload, layout: Layout, g: Geometry, migra
     moe_stage = math.ceil(model.moe_layers / layout.pp)
     params = model.dense_params() / layout.pp + moe_stage * slots * model.expert_params
     in_flight = (layout.pp + 1 if layout.schedule == "dualpipe" else min(layout.pp, layout.microbatches))
-    tokens = work.tokens_per_rank / layout.microbatches * in_flight
+    tokens = work.tokens_per_rank * layout.pp / layout.microbatches * in_flight
     layers = math.ceil(model.n_layers / layout.pp)
     mult = 3 if model.gated else 2
     if layout.recompute:
@@ -433,13 +433,15 @@ def simulate(model: ModelShape, cluster: Cluster, work: Workload, layout: Layout
     if model.num_experts % layout.ep:
         raise SimError(f"ep={layout.ep} does not divide num_experts={model.num_experts}: each rank must hold the "
                        "same number of experts")
-    if work.tokens_per_rank % layout.microbatches:
-        raise SimError(f"tokens_per_rank={work.tokens_per_rank} is not divisible by microbatches="
-                       f"{layout.microbatches}")
+    # tokens_per_rank is the global batch over all ranks: a pipeline replica of pp ranks runs pp times that
+    replica_tokens = work.tokens_per_rank * layout.pp
+    if replica_tokens % layout.microbatches:
+        raise SimError(f"tokens per pipeline replica {replica_tokens} (tokens_per_rank x pp) is not divisible by "
+                       f"microbatches={layout.microbatches}")
     if layout.pp > model.n_layers:
         raise SimError(f"pp={layout.pp} stages exceed the model's {model.n_layers} layers")
     loads = loads if loads is not None else layer_loads(work.traffic, model)
-    mb = work.tokens_per_rank // layout.microbatches
+    mb = replica_tokens // layout.microbatches
     f, b, bd, hot = _stage_pass(model, cluster, layout, g, work, loads, mb)
     m, pp = layout.microbatches, layout.pp
     tiers = bd.pop("tiers")  # type: ignore[arg-type]

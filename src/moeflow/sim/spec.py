@@ -185,7 +185,7 @@ class Workload(Config):
     """Tokens per rank per step, the traffic, and the bytes per value of each kind of state."""
 
     name: str = "workload"
-    tokens_per_rank: int  # tokens each data-parallel rank processes per optimizer step
+    tokens_per_rank: int  # global tokens per optimizer step / ranks (a pipeline replica of pp ranks runs pp x this)
     seq_len: int = 2048
     traffic: Traffic = field(default_factory=Traffic)
     act_bytes: int = 2  # activations on the wire and in memory (bf16)
