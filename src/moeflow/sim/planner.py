@@ -183,12 +183,12 @@ def fmt_time(s: float) -> str:
 
 def breakdown_table(preds: list[Prediction], top: int = 10) -> list[str]:
     """The ranked table: step time, a2a share, each term, memory, imbalance and whether moeflow runs it."""
-    head = (f"{'#':>2} {'layout':<34}{'step':>10}{'a2a%':>6}{'expert':>9}{'dense':>9}{'a2a':>9}{'small':>8}"
+    head = (f"{'#':>2} {'layout':<42}{'step':>10}{'a2a%':>6}{'expert':>9}{'dense':>9}{'a2a':>9}{'small':>8}"
             f"{'grad':>9}{'bubble':>8}{'mig':>8}{'GiB':>7}{'imb':>6}{'drop%':>6} moeflow")
     lines = [head]
     for i, p in enumerate(preds[:top], 1):
         b = p.breakdown
-        lines.append(f"{i:>2} {p.layout.label():<34}{fmt_time(p.step):>10}{100 * p.a2a_share:>6.1f}"
+        lines.append(f"{i:>2} {p.layout.label():<42}{fmt_time(p.step):>10}{100 * p.a2a_share:>6.1f}"
                      f"{fmt_time(b['expert']):>9}{fmt_time(b['dense']):>9}{fmt_time(b['a2a']):>9}"
                      f"{fmt_time(b['small_a2a']):>8}{fmt_time(b['grad_sync']):>9}{fmt_time(b['bubble']):>8}"
                      f"{fmt_time(b['migrate_sync']):>8}{p.memory_total / 2**30:>7.1f}"
