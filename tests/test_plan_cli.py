@@ -109,3 +109,19 @@ def test_fit_alpha_beta() -> None:
     assert a == pytest.approx(1e-3) and b == pytest.approx(2e9)
     with pytest.raises(SimError, match="no growth"):
         fit_alpha_beta([(1e3, 1e-3), (1e6, 1e-3)])
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("arch,experts,top_k,moe_layers,groups", [
+    ("mixtral", 4, 2, 2, 1), ("qwen2_moe", 4, 2, 1, 1), ("olmoe", 4, 2, 2, 1), ("deepseek_v3", 8, 2, 1, 4),
+    ("switch_transformers", 4, 1, 2, 1)])
+def test_hf_config_files_load(tmp_path: Path, arch: str, experts: int, top_k: int, moe_layers: int,
+                              groups: int) -> None:
+    """Each HF architecture's config.json becomes a ModelShape with its experts, top-k, MoE layers and groups."""
+    pytest.importorskip("transformers")
+    from test_hf_common import hf_config
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(hf_config(arch).to_dict()))
+    m = load_model(str(p))
+    assert (m.num_experts, m.top_k, m.moe_layers, m.route_groups) == (experts, top_k, moe_layers, groups)

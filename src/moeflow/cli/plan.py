@@ -279,6 +279,7 @@ def calibrate(world: int, budget_s: float = 60.0, d: int = 256, h: int = 512, ro
 
 # ------------------------------------------------------------------------------------------- run
 def _ints(text: str, what: str) -> list[int]:
+    """Comma-separated non-negative integers, or a SimError naming the flag."""
     try:
         out = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -289,6 +290,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _search(args: argparse.Namespace) -> Search:
+    """The planner's search space from the command-line flags."""
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -306,6 +308,7 @@ def _search(args: argparse.Namespace) -> Search:
 
 
 def _presets() -> str:
+    """The --list-presets text."""
     from moeflow.models.config import MODEL_PRESETS
 
     lines = ["model presets (simulator shapes): " + ", ".join(MODEL_SHAPES),
@@ -360,7 +363,7 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"{len(result.ranked)} layouts fit, {len(result.rejected)} rejected; simulated in {elapsed:.2f} s")
         print("\n".join(breakdown_table(result.ranked, args.top)))
         print("\n".join(result.explain()))
-        if pay is not None and pay["migrate_s"] > 0:
+        if pay is not None and pay["migrate_s"] > 0 and pay["payback_steps"] is not None:
             print(f"  moving from {base.layout.label()} to the winner: {fmt_time(pay['migrate_s'])} over the "
                   f"{pay['tier']} tier, repaid after {pay['payback_steps']:.1f} steps")
         for lay, why in result.rejected[:3]:

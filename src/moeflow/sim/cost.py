@@ -326,6 +326,7 @@ class Prediction:
     fits: bool
     world: int
     dropped: float = 0.0  # mean share of assignments over capacity (capacity_factor set)
+    hot_layer: dict[str, Any] = field(default_factory=dict)  # the busiest MoE layer, per phase (one microbatch)
 
     @property
     def memory_total(self) -> float:
@@ -348,8 +349,16 @@ class Prediction:
                 "breakdown_s": self.breakdown, "a2a_tiers_s": self.a2a_tiers, "a2a_share": self.a2a_share,
                 "memory_GiB": {k: v / 2**30 for k, v in self.memory.items()}, "imbalance": self.imbalance,
                 "migrated_experts_per_layer": self.migrated, "fits": self.fits, "dominant": self.dominant,
-                "dropped": self.dropped,
+                "dropped": self.dropped, "hot_layer": self.hot_layer,
                 "world": self.world}
+
+
+def _phases(lc: LayerCost) -> dict[str, Any]:
+    """One MoE layer's phases: each token all-to-all (time by tier; backward repeats both), experts, rows."""
+    return {"forward_s": lc.fwd, "backward_s": lc.bwd, "dispatch_s": lc.dispatch.time,
+            "dispatch_tiers_s": lc.dispatch.tiers, "combine_s": lc.combine.time, "combine_tiers_s": lc.combine.tiers,
+            "small_exchanges_s": lc.small, "expert_forward_s": lc.expert_fwd, "rows_max": lc.rows_max,
+            "rows_mean": lc.rows_mean, "max_rows_sent": lc.dispatch.max_rows_out, "migrated": lc.migrated}
 
 
 def dense_flops_fwd(model: ModelShape, tokens: int, seq_len: int, layers: int, moe_layers: int, head: bool) -> float:
@@ -477,4 +486,4 @@ def simulate(model: ModelShape, cluster: Cluster, work: Workload, layout: Layout
     mem = memory(model, work, layout, g, hot.migrated)
     fits = sum(mem.values()) <= cluster.memory_GiB * 2**30
     return Prediction(layout, step, rate_bd, {t: v * m for t, v in tiers.items()}, mem, hot.imbalance,
-                      hot.migrated, fits, world, dropped)
+                      hot.migrated, fits, world, dropped, _phases(hot))

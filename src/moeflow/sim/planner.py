@@ -169,7 +169,7 @@ def payback(old: Prediction, new: Prediction, model: ModelShape, cluster: Cluste
         t = 0.0
     gain = old.step - new.step
     return {"bytes_per_link": moved_experts * model.expert_params * state, "tier": tier, "migrate_s": t,
-            "gain_per_step_s": gain, "payback_steps": (t / gain) if gain > 0 else float("inf")}
+            "gain_per_step_s": gain, "payback_steps": (t / gain) if gain > 0 else None}  # None: never repaid
 
 
 def fmt_time(s: float) -> str:

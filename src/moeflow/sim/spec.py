@@ -299,6 +299,7 @@ MODEL_SHAPES: dict[str, Callable[[], ModelShape]] = {
 
 def _gpu_node(name: str, nvlink: float, ib: float, tflops: float, mem: float, wan_gbit: float = 100.0,
               nodes_per_domain: int = 1_000_000, ib_shared: str = "rank") -> Cluster:
+    """An 8-GPU node type as a Cluster (NVLink-class node tier, NIC tier, one WAN link per domain)."""
     # DeepEP's low-latency dispatch grows from 77 us (EP 8) to 194 us (EP 256), ~0.75 us per extra peer: 1 us
     # per peer, a 15 us launch; NCCL rule of thumb (ep-reliability-papers §1.8): ~5 us inside a node, ~10 us
     # across IB; a WAN hop 1 ms one way. The WAN link is one per domain, shared by all its ranks.
@@ -351,6 +352,7 @@ def example_path(name: str) -> Path:
 
 
 def _preset(name: str, table: dict[str, Any], what: str) -> Any:
+    """The named preset from `table`, or a SimError listing the presets (and the closest name)."""
     if name not in table:
         close = closest(name, table)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -53,6 +53,7 @@ def layer_loads(traffic: Traffic, model: ModelShape) -> list[np.ndarray]:
 
 
 def _norm(a: np.ndarray) -> np.ndarray:
+    """Shares summing to 1."""
     return a / a.sum()
 
 
