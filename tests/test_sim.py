@@ -315,3 +315,13 @@ def test_breakdown_adds_up_to_the_step(lay: Layout) -> None:
     assert p.breakdown["overlap_saved"] == pytest.approx(0.0, abs=1e-9 * p.step)
     total = sum(v for k, v in p.breakdown.items() if k != "overlap_saved")
     assert total == pytest.approx(p.step)
+
+
+def test_small_groups_report_the_byte_matrix() -> None:
+    """EP groups up to 64 ranks carry the P x P dispatch bytes and the tier of every pair (rows sum to sent)."""
+    c = Cluster(name="t", ranks_per_node=2, gemm_tflops=1.0, node=Tier(bandwidth_GBps=1, latency_us=1),
+                domain=Tier(bandwidth_GBps=1, latency_us=1))
+    p = simulate(shape(e=4), c, Workload(tokens_per_rank=100, seq_len=16), Layout(ep=4), 4)
+    mat = np.array(p.hot_layer["matrix"]["dispatch_bytes"])
+    assert mat.shape == (4, 4) and mat[0, 1] == pytest.approx(100 * 2 * 0.25 * 16 * 2)  # bf16 rows
+    assert p.hot_layer["matrix"]["tiers"][0] == ["self", "node", "domain", "domain"]

@@ -33,6 +33,7 @@ from moeflow.sim.traffic import META_BYTES, Placement, contiguous, eplb, hit_pro
 # and weights (4 B) forward and the weights' gradient (4 B) backward
 SMALL_A2A = {"variable": 1, "padded": 1, "dedup": 4}
 META_PER_STEP = {"variable": 0, "padded": 0, "dedup": META_BYTES + 4}
+MATRIX_MAX_RANKS = 64  # EP groups up to this size get their P x P byte matrix in the JSON output
 
 
 @dataclass
@@ -155,6 +156,13 @@ def rows_matrix(rows_JP: np.ndarray, g: Geometry) -> np.ndarray:
     return rows_JP[np.arange(g.ep) // g.per_domain]
 
 
+def tier_matrix(g: Geometry) -> list[list[str]]:
+    """The tier each (sender, receiver) pair of the EP group uses: self, node, domain or wan."""
+    node, dom = np.arange(g.ep) // g.per_node, np.arange(g.ep) // g.per_domain
+    return [["self" if s == r else "node" if node[s] == node[r] else "domain" if dom[s] == dom[r] else "wan"
+             for r in range(g.ep)] for s in range(g.ep)]
+
+
 def all_reduce_time(nbytes: float, sizes: dict[str, int], cluster: Cluster) -> float:
     """Hierarchical ring all-reduce: per tier 2(n-1)/n of the bytes left at that level, plus 2(n-1) latencies."""
     t, left = 0.0, float(nbytes)
@@ -191,6 +199,7 @@ class LayerCost:
     migrate_sync: float  # seconds per step keeping the copies in step (expert path)
     meta_time: float = 0.0  # dedup: bandwidth part of the index/weight exchanges per step
     dropped: float = 0.0  # share of assignments over capacity
+    matrix: dict[str, Any] = field(default_factory=dict)  # small EP groups: bytes [sender][receiver] and tiers
     fwd: float = 0.0
     bwd: float = 0.0
     a2a_fwd: float = 0.0
@@ -284,6 +293,9 @@ def layer_cost(model: ModelShape, cluster: Cluster, layout: Layout, g: Geometry,
                                {"wan": g.domains}, cluster) / g.per_domain  # the domain's ranks share the copies
     lc = LayerCost(disp, comb, small, meta_bytes, slowest, float(flops_fwd.mean() / rate),
                    float(per_rank.max()), float(per_rank.mean()), int(migrate.sum()), sync, meta_t, dropped)
+    if g.ep <= MATRIX_MAX_RANKS:
+        lc.matrix = {"dispatch_bytes": (rows_matrix(rows, g) * row_bytes).round().tolist(),
+                     "tiers": tier_matrix(g)}
     lc.fwd = _pipelined(disp, lc.expert_fwd, comb, layout.overlap)
     lc.bwd = _pipelined(comb, 2 * lc.expert_fwd, disp, layout.overlap)
     lc.a2a_fwd = lc.a2a_bwd = disp.time + comb.time
@@ -358,7 +370,8 @@ def _phases(lc: LayerCost) -> dict[str, Any]:
     return {"forward_s": lc.fwd, "backward_s": lc.bwd, "dispatch_s": lc.dispatch.time,
             "dispatch_tiers_s": lc.dispatch.tiers, "combine_s": lc.combine.time, "combine_tiers_s": lc.combine.tiers,
             "small_exchanges_s": lc.small, "expert_forward_s": lc.expert_fwd, "rows_max": lc.rows_max,
-            "rows_mean": lc.rows_mean, "max_rows_sent": lc.dispatch.max_rows_out, "migrated": lc.migrated}
+            "rows_mean": lc.rows_mean, "max_rows_sent": lc.dispatch.max_rows_out, "migrated": lc.migrated,
+            **({"matrix": lc.matrix} if lc.matrix else {})}
 
 
 def dense_flops_fwd(model: ModelShape, tokens: int, seq_len: int, layers: int, moe_layers: int, head: bool) -> float:
