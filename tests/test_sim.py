@@ -325,3 +325,20 @@ def test_small_groups_report_the_byte_matrix() -> None:
     mat = np.array(p.hot_layer["matrix"]["dispatch_bytes"])
     assert mat.shape == (4, 4) and mat[0, 1] == pytest.approx(100 * 2 * 0.25 * 16 * 2)  # bf16 rows
     assert p.hot_layer["matrix"]["tiers"][0] == ["self", "node", "domain", "domain"]
+
+
+def test_eplb_hierarchical_matches_deepseeks_readme() -> None:
+    """DeepSeek EPLB's README example (seed003 §1.1): 2 layers, 12 experts, 16 replicas, 4 groups, 2 nodes, 8 GPUs
+    give exactly its phy2log, and per-GPU balancedness (mean/max) 0.828 and 0.805."""
+    from moeflow.sim.traffic import eplb_hierarchical
+
+    w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    phy2log, logcnt = eplb_hierarchical(w, 16, 4, 2, 8)
+    assert phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    assert (logcnt.sum(1) == 16).all()
+    gpu = (np.take_along_axis(w / logcnt, phy2log, axis=1)).reshape(2, 8, 2).sum(-1)
+    assert (gpu.mean(1) / gpu.max(1)).round(3).tolist() == [0.828, 0.805]
+    with pytest.raises(SimError, match="hierarchical policy needs"):
+        eplb_hierarchical(w, 16, 5, 2, 8)

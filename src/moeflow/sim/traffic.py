@@ -143,6 +143,78 @@ def eplb(load_E: np.ndarray, ep: int, extra_per_rank: int) -> Placement:
     return Placement(logical[order], spr, cnt)
 
 
+def _pack_rows(weight_XN: np.ndarray, packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPLB's balanced_packing per row: (pack of each item, its position in the pack) [X, N]."""
+    x, n = weight_XN.shape
+    per = n // packs
+    if per == 1:
+        ident = np.tile(np.arange(n), (x, 1))
+        return ident, np.zeros_like(ident)
+    pack = np.full((x, n), -1, dtype=np.int64)
+    pos = np.full((x, n), -1, dtype=np.int64)
+    for i in range(x):
+        weights, items = [0.0] * packs, [0] * packs
+        for item in np.argsort(-weight_XN[i], kind="stable"):
+            p = min((q for q in range(packs) if items[q] < per), key=weights.__getitem__)
+            pack[i, item], pos[i, item] = p, items[p]
+            weights[p] += float(weight_XN[i, item])
+            items[p] += 1
+    return pack, pos
+
+
+def _replicate_rows(weight_XN: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPLB's replicate_experts per row: (logical item of each slot [X, slots], copies of each item [X, N])."""
+    x, n = weight_XN.shape
+    phy = np.tile(np.arange(slots), (x, 1))
+    cnt = np.ones((x, n), dtype=np.int64)
+    for s in range(n, slots):
+        best = np.argmax(weight_XN / cnt, axis=1)  # first index on ties, as torch.max
+        phy[:, s] = best
+        cnt[np.arange(x), best] += 1
+    return phy, cnt
+
+
+def _inverse(perm_XN: np.ndarray) -> np.ndarray:
+    """Row-wise inverse permutation."""
+    inv = np.empty_like(perm_XN)
+    np.put_along_axis(inv, perm_XN, np.tile(np.arange(perm_XN.shape[1]), (perm_XN.shape[0], 1)), axis=1)
+    return inv
+
+
+def eplb_hierarchical(weight_LE: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                      num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek EPLB's hierarchical policy (deepseek-ai/EPLB eplb.py, seed003 §1.1): (phy2log [L, R], logcnt [L, E]).
+
+    Expert groups are packed onto nodes by load, each node replicates its experts into R/N slots, and the slots
+    are packed onto the node's GPUs. Needs E % groups == 0, groups % nodes == 0, gpus % nodes == 0, R % gpus == 0.
+    """
+    w = np.asarray(weight_LE, dtype=np.float64)
+    layers, e = w.shape
+    if e % num_groups or num_groups % num_nodes or num_gpus % num_nodes or num_replicas % num_gpus:
+        raise SimError(f"EPLB hierarchical policy needs experts ({e}) % groups ({num_groups}), groups % nodes "
+                       f"({num_nodes}), gpus ({num_gpus}) % nodes and replicas ({num_replicas}) % gpus all zero")
+    group_size, groups_per_node = e // num_groups, num_groups // num_nodes
+    per_gpu = num_replicas // num_gpus
+    # 1: groups onto nodes
+    g_pack, g_pos = _pack_rows(w.reshape(layers, num_groups, group_size).sum(-1), num_nodes)
+    log2mlog = (((g_pack * groups_per_node + g_pos) * group_size)[:, :, None] + np.arange(group_size)).reshape(
+        layers, e)
+    mlog2log = _inverse(log2mlog)
+    # 2: replicas inside each node
+    per_node_w = np.take_along_axis(w, mlog2log, axis=1).reshape(-1, e // num_nodes)
+    phy2mlog, mlogcnt = _replicate_rows(per_node_w, num_replicas // num_nodes)
+    # 3: slots onto the node's GPUs
+    slot_w = np.take_along_axis(per_node_w / mlogcnt, phy2mlog, axis=1)
+    pack, pos = _pack_rows(slot_w, num_gpus // num_nodes)
+    pphy2phy = _inverse(pack * per_gpu + pos)
+    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1)
+    pphy2mlog = (pphy2mlog.reshape(layers, num_nodes, -1)
+                 + np.arange(0, e, e // num_nodes)[None, :, None]).reshape(layers, -1)
+    phy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=1)
+    logcnt = np.take_along_axis(mlogcnt.reshape(layers, -1), log2mlog, axis=1)
+    return phy2log, logcnt
+
+
 # ------------------------------------------------------------------------------------------- hits (dedup)
 def _miss(frac: np.ndarray, n: int, draws: float) -> np.ndarray:
     """P(none of `draws` picks without replacement among n equal items lands in a part holding `frac` of them)."""
