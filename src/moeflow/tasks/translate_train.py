@@ -26,7 +26,7 @@ from moeflow.analysis.stats import read_records
 from moeflow.models.seq2seq import Seq2SeqTransformer
 from moeflow.routing.log import record_routing
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
-from moeflow.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from moeflow.train.sharded_checkpoint import DCP_NAME
 from moeflow.train.trainer import ParallelHooks, Trainer, TrainResult
 
@@ -177,7 +177,11 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
                                 f"{Path(run_dir).name}`")
     else:
         # a plain load, not load_checkpoint: run folders from before the one Trainer hold {model, config, step}
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}); it may be truncated or "
+                                  "from another program") from None
     cfg = TranslateConfig.from_dict(ckpt["config"])
     model = Seq2SeqTransformer(cfg.model)
     model.load_state_dict(ckpt["model"])
