@@ -331,3 +331,13 @@ def async_save_worker(rank: int, world: int, root: str) -> dict:
         torch.save(captured[2], f"{root}/async_step2.pt")
         out["resumed_equal"] = _bitwise(got, captured[3])
     return out
+
+
+def resume_single_file_worker(rank: int, world: int, run_dir: str, saved: str) -> dict:
+    """Resume a one-process run's checkpoint.pt under (dp=1, ep=world): the full tensors are sharded on load."""
+    hooks = DistributedHooks(init_distributed(ep=world, timeout_s=60))
+    t = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=4, ckpt_every=2)), run_dir, resume=True,
+                hooks=hooks, progress=False)
+    got = full_state(t)
+    t.run()  # and it continues, now writing sharded checkpoints
+    return {"step": t.step, "equal": _bitwise(got, torch.load(saved)) if rank == 0 else None}

@@ -202,3 +202,18 @@ def test_async_checkpoint_is_committed_and_holds_the_state_at_save_time(root: Pa
     written = read_full(run / "step-00000002")
     assert _bitwise(written["model"], at_save["model"])
     assert _bitwise(written["optim"]["state"], at_save["optim"]["state"])
+
+
+def test_single_file_checkpoint_of_an_old_run_resumes_under_torchrun(tmp_path: Path) -> None:
+    """A one-process run's checkpoint.pt (the format of every run before sharded checkpoints) loads bitwise
+    under (dp=1, ep=2), and the run continues there with sharded checkpoints."""
+    from fsdp_workers import resume_single_file_worker
+    run = tmp_path / "run"
+    t = Trainer(make_model(torch.float32), FixedTask(Schedule(steps=4, ckpt_every=2)), run, progress=False)
+    t.run(stop_at=2)
+    torch.save(full_state(t), tmp_path / "saved.pt")
+    assert (run / "checkpoint.pt").exists() and not (run / DCP_NAME).exists()
+    got = run_world(resume_single_file_worker, 2, str(run), str(tmp_path / "saved.pt"), timeout_s=150)
+    assert got[0]["equal"] and got[0]["step"] == 4, got[0]
+    assert read_meta(latest_folder(run / DCP_NAME))["step"] == 4
+    assert load_checkpoint(run)["step"] == 4  # the newer of the two formats
