@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # each entry is a module under moeflow.cli exposing register(subparsers) -> None
-SUBCOMMANDS = ["demo", "train", "generate", "eval", "compare", "translate", "ablate", "convert"]
+SUBCOMMANDS = ["demo", "train", "generate", "eval", "compare", "translate", "ablate", "convert", "compress"]
 
 
 def build_parser() -> argparse.ArgumentParser:

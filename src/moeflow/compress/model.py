@@ -28,6 +28,7 @@ from moeflow.analysis.similarity import (LogitCentroids, cluster_experts, cosine
                                          structural_similarity)
 from moeflow.compress.experts import CompressedExperts, Layout, projection_shapes
 from moeflow.compress.fit import fit_experts, layout_bytes, layout_params, rank_for_budget, rank_limit, seed_ratio
+from moeflow.config import ConfigError
 from moeflow.experts import GroupedExperts
 from moeflow.layers import MoELayer, moe_layers
 from moeflow.routing.log import record_routing
@@ -36,7 +37,7 @@ METHODS = ("base-lowrank", "merge", "svd-shared", "svd", "prune", "random")
 PRUNED_LOGIT = -1e9  # finite: softmax gives exactly 0 in fp32 and the router's finite-logit check still passes
 
 
-class CompressError(ValueError):
+class CompressError(ConfigError):
     """Bad compression input (method, ratio, rank, run), with the fix in the message."""
 
 
@@ -227,11 +228,11 @@ def compress_model(model: nn.Module, sims: list[LayerSimilarity], method: str, r
 
 
 def mask_router(layer: MoELayer, layout: Layout) -> None:
-    """Hide pruned experts from the router: their logit bias becomes PRUNED_LOGIT (the router needs a bias)."""
+    """Hide pruned experts from the router: their logit bias becomes PRUNED_LOGIT (a zero bias is added if the
+    router had none; the saved config then says model.moe.router_bias=True so the run loads)."""
+    if layer.router.bias is None:
+        layer.router.bias = nn.Parameter(torch.zeros(layer.cfg.num_experts, device=layer.router.weight.device))
     bias = layer.router.bias
-    if bias is None:
-        raise CompressError("pruning needs a router bias to mask experts: build the model with "
-                            "model.moe.router_bias=True (compress does this for you)")
     with torch.no_grad():
         for e, g in enumerate(layout.group_E):
             if g < 0:

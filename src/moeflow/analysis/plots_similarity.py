@@ -1,0 +1,61 @@
+"""Figures for expert similarity and compression (matplotlib, imported lazily with the Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:  # plotting is an optional extra
+        raise RuntimeError("plots need matplotlib: pip install 'moeflow[plot]'") from e
+    matplotlib.use("Agg")  # files only: never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_similarity_heatmaps(layers: Sequence[tuple[str, Tensor, Tensor, Tensor]], path: str | Path) -> Path:
+    """One row per MoE layer (name, S^w, S^f, S): three expert x expert heat maps on a shared [-1, 1] scale."""
+    if not layers:
+        raise ValueError("no MoE layers to plot")
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(layers), 3, figsize=(10.5, 3.2 * len(layers)), squeeze=False)
+    im = None
+    for row, (name, *mats) in zip(axes, layers):
+        for ax, title, m in zip(row, ("S^w (weights)", "S^f (router-logit centroids)", "S (fused)"), mats):
+            im = ax.imshow(m.float().numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+            ax.set_title(f"{name}: {title}", fontsize=8)
+            ax.set_xticks(range(m.shape[0]))
+            ax.set_yticks(range(m.shape[0]))
+            ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.02)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_quality_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, ylabel: str,
+                          title: str) -> Path:
+    """One line per method: quality (e.g. bits/byte) against the kept parameter ratio."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", label=name, linestyle="--" if "ft" not in name else "-")
+    ax.set_xlabel("expert parameter ratio (compressed / original)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
