@@ -39,6 +39,20 @@ class LoadedRun:
     task: Any  # LMTask | TranslateTask (next_batch, loss)
     step: int
     config_json: dict[str, Any]
+    state: dict[str, Any]  # the trained weights, for fresh copies
+
+    def fresh_model(self) -> nn.Module:
+        """A new copy of the trained (uncompressed) model, in eval mode."""
+        if self.kind == "lm":
+            from moeflow.models import MoETransformer
+
+            model: nn.Module = MoETransformer(self.cfg.model)
+        else:
+            from moeflow.models.seq2seq import Seq2SeqTransformer
+
+            model = Seq2SeqTransformer(self.cfg.model)
+        model.load_state_dict(self.state)
+        return model.eval()
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         """One forward on a batch of this task (what calibration runs)."""
@@ -80,7 +94,10 @@ def load_any_run(run_dir: str | Path) -> LoadedRun:
     if not moe_layers(model):
         raise CompressError(f"{run_dir} is a dense run (no MoE layer): there are no experts to compress; "
                             "train an MoE preset (e.g. --preset tiny)")
-    return LoadedRun(kind, model, cfg, task, int(ckpt.get("step", 0)), config_json)
+    if ckpt.get("extra", {}).get("compression"):
+        raise CompressError(f"{run_dir} is already a compressed run; compress its source run instead")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return LoadedRun(kind, model, cfg, task, int(ckpt.get("step", 0)), config_json, state)
 
 
 def calibration_batches(run: LoadedRun, n: int, seed: int = 1234) -> list[Any]:
