@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune", type=int, default=100, help="fine-tune steps per method and ratio (0: none)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--eval-sentences", type=int, help="translation: held-out sentences per language to score "
+                                                       "(default: the run's eval_sentences)")
     p.add_argument("--no-cer", action="store_true", help="translation: skip greedy-decoding CER")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-tokens", type=int, default=4096)
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     md: list[str] = []
     for kind, path in runs:
         run = load_any_run(path)
+        if kind == "translate" and args.eval_sentences:
+            run.cfg = run.cfg.replace(eval_sentences=args.eval_sentences)
         print(f"## {kind}: {path} (step {run.step}), fine-tune {args.finetune} steps", flush=True)
         rows, sims = sweep(run, methods, ratios, args.finetune, args.lr, args.calib_batches,
                            cer=kind == "translate" and not args.no_cer, log=sys.stdout)

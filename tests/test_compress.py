@@ -301,3 +301,34 @@ def test_dense_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["compress", "--run", str(tmp_path / "d"), "--method", "svd", "--ratio", "0.5",
                  "--out", str(tmp_path / "x")]) == 2
     assert "dense run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ re-clustering
+def test_reclustering_projection_leaves_the_layer_unchanged_at_full_rank() -> None:
+    from moeflow.compress.recluster import project_to_groups
+
+    ex = _experts(2)
+    comp = fit_experts(ex.w_in, ex.w_out, "swiglu", Layout((0, 0, 0, 1, 1, 1), H))
+    for p in comp.parameters():  # as if trained after the first grouping
+        p.data.add_(0.05 * torch.randn_like(p))
+    splits = [2, 3, 1, 4, 2, 3]
+    x = torch.randn(sum(splits), D, dtype=torch.float64)
+    before = comp(x, _rows(splits))
+    new = project_to_groups(comp, (0, 1, 2, 0, 1, 2))
+    assert new.layout.group_E == (0, 1, 2, 0, 1, 2)
+    assert torch.allclose(new(x, _rows(splits)), before, atol=1e-10, rtol=0)
+    # below full rank the projection is the best rank-r fit of the same effective weights, not a re-initialisation
+    low = project_to_groups(fit_experts(ex.w_in, ex.w_out, "swiglu", Layout((0, 0, 0, 1, 1, 1), 4)),
+                            (0, 1, 2, 0, 1, 2))
+    with torch.no_grad():
+        assert float((low(x, _rows(splits)) - ex(x, _rows(splits))).norm()) < float(ex(x, _rows(splits)).norm())
+
+
+def test_recluster_during_finetune_is_logged(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rc"
+    assert main(["compress", "--run", str(lm_run), "--method", "random", "--ratio", "0.75", "--out", str(out),
+                 "--calib-batches", "1", "--finetune", "4", "--recluster-every", "2"]) == 0
+    assert "re-clustering: 2 checks" in capsys.readouterr().out
+    rec = json.loads((out / "compression.json").read_text())
+    assert [h["step"] for h in rec["recluster_history"]] == [2, 4]
+    assert main(["eval", "--run", str(out)]) == 0  # the saved layouts are the final groups

@@ -59,3 +59,31 @@ def plot_quality_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_recluster_history(history: list[dict[str, Any]], path: str | Path) -> Path:
+    """Group membership of each expert over the re-clustering checks (one panel per layer) and load CV^2."""
+    plt = _pyplot()
+    names = list(history[0]["layers"]) if history else []
+    if not names:
+        raise ValueError("no re-clustered layers to plot")
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.2), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, name in zip(axes[0], names):
+        groups = [[float(g) for g in h["layers"][name]["groups"]] for h in history]
+        ax.imshow(list(map(list, zip(*groups))), aspect="auto", cmap="tab10", interpolation="nearest",
+                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(groups[0]) - 0.5, -0.5))
+        ax.set_title(f"{name}: group of each expert", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+    ax = axes[0][-1]
+    for name in names:
+        ax.plot(steps, [h["layers"][name]["load_cv2"] for h in history], marker="o", label=name)
+    ax.set_title("expert-load variance (CV^2)", fontsize=8)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="clustering for base-lowrank (default agglomerative)")
     p.add_argument("--calib-batches", type=int, default=8, help="training batches for S^f and usage (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for clustering restarts, random groups, fine-tune")
+    p.add_argument("--recluster-every", type=int, default=0, metavar="T",
+                   help="during --finetune, re-group base-lowrank experts every T steps (projected, logged)")
     p.add_argument("--no-cer", action="store_true", help="translation: skip greedy-decoding CER (faster)")
     p.add_argument("--similarity-only", action="store_true",
                    help="only write the similarity heat maps and similarity.json to --out")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--method and --ratio are required (or pass --similarity-only)")
         rec = compress_run(args.run, args.method, args.ratio, args.out, finetune_steps=args.finetune, lr=args.lr,
                            groups=args.groups, rank=args.rank, alpha=args.alpha, cluster=args.cluster,
-                           calib_batches=args.calib_batches, seed=args.seed, cer=not args.no_cer)
+                           calib_batches=args.calib_batches, seed=args.seed, cer=not args.no_cer,
+                           recluster_every=args.recluster_every)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"moeflow compress: {e}", file=sys.stderr)
         return 2
@@ -81,4 +84,8 @@ def format_record(rec: dict) -> str:
     for key in ("quality_before", "quality_after", "quality_finetuned"):
         if rec.get(key):
             lines.append(f"  {key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec[key].items()))
+    if rec.get("recluster_history"):
+        changes = sum(lay["changed"] for h in rec["recluster_history"] for lay in h["layers"].values())
+        lines.append(f"  re-clustering: {len(rec['recluster_history'])} checks, {changes} layer regroupings "
+                     "(recluster.png)")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from torch import nn
 
 from moeflow.compress.model import (CompressError, CompressionInfo, LayerSimilarity, calibrate, compress_model,
                                     layer_similarities)
+from moeflow.compress.recluster import Reclusterer
 from moeflow.layers import moe_layers
 from moeflow.routing.log import record_routing
 from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
@@ -112,8 +113,13 @@ def calibration_batches(run: LoadedRun, n: int, seed: int = 1234) -> list[Any]:
     return [run.task.next_batch(0, 1) for _ in range(n)]
 
 
-def finetune(run: LoadedRun, model: nn.Module, steps: int, lr: float, seed: int = 0) -> list[float]:
-    """A short fine-tune of the whole compressed model: AdamW, constant lr after 10% warmup, grad clip 1."""
+def finetune(run: LoadedRun, model: nn.Module, steps: int, lr: float, seed: int = 0,
+             reclusterer: Reclusterer | None = None) -> list[float]:
+    """A short fine-tune of the whole compressed model: AdamW, constant lr after 10% warmup, grad clip 1.
+
+    With a `reclusterer`, experts are re-grouped every `reclusterer.every` steps (projected, never re-initialised);
+    the optimizer is rebuilt then, keeping the moments of every parameter that survived.
+    """
     torch.manual_seed(seed)
     if run.kind == "lm":
         from moeflow.train.data import BatchStream
@@ -139,7 +145,14 @@ def finetune(run: LoadedRun, model: nn.Module, steps: int, lr: float, seed: int 
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if reclusterer is not None and reclusterer.step(model, step + 1, log):
+            old = {id(p): opt.state[p] for p in params if p in opt.state}
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            for p in params:
+                if id(p) in old:
+                    opt.state[p] = old[id(p)]
     model.eval()
     return losses
 
@@ -167,6 +180,12 @@ def save_compressed(run: LoadedRun, model: nn.Module, info: CompressionInfo, out
     (out / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "similarity.json").write_text(json.dumps(similarity_dict(sims), indent=2) + "\n")
     write_similarity_report(out, sims, record)
+    from moeflow.analysis.plots import have_matplotlib
+
+    if record.get("recluster_history") and have_matplotlib():
+        from moeflow.analysis.plots_similarity import plot_recluster_history
+
+        plot_recluster_history(record["recluster_history"], out / "recluster.png")
 
 
 def similarity_dict(sims: list[LayerSimilarity]) -> dict[str, Any]:
@@ -214,7 +233,7 @@ def _offdiag(s: torch.Tensor) -> float:
 def compress_run(run_dir: str | Path, method: str, ratio: float, out: str | Path | None = None, *,
                  finetune_steps: int = 0, lr: float = 5e-4, groups: int | None = None, rank: int | None = None,
                  alpha: float = 0.5, cluster: str = "agglomerative", calib_batches: int = 8, seed: int = 0,
-                 cer: bool = True, save: bool = True) -> dict[str, Any]:
+                 cer: bool = True, save: bool = True, recluster_every: int = 0) -> dict[str, Any]:
     """Compress a run's experts; returns the record written to compression.json (and the folder, if saved)."""
     out_dir = Path(out) if out is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{method}-{ratio:g}"
     if save:
@@ -233,10 +252,16 @@ def compress_run(run_dir: str | Path, method: str, ratio: float, out: str | Path
                               "cluster": cluster, "alpha": alpha, **info.to_dict(),
                               "quality_before": quality_before, "quality_after": quality_after,
                               "eval_s": time.perf_counter() - t0, "finetune_steps": finetune_steps}
+    if recluster_every and not finetune_steps:
+        raise CompressError("--recluster-every needs --finetune STEPS (re-clustering happens during training)")
     if finetune_steps:
-        losses = finetune(run, model, finetune_steps, lr, seed)
+        rc = Reclusterer(recluster_every, alpha, method=cluster, seed=seed) if recluster_every else None
+        losses = finetune(run, model, finetune_steps, lr, seed, rc)
         record["finetune_loss"] = [losses[0], losses[-1]]
         record["quality_finetuned"] = run.quality(model, cer)
+        if rc is not None:
+            record["recluster_history"] = rc.history
+            info.layouts = {n: m.experts.layout for n, m in moe_layers(model) if n in info.layouts}
     if save:
         save_compressed(run, model, info, out_dir, record, sims, run.step + finetune_steps)
         record["out"] = str(out_dir)
