@@ -332,3 +332,22 @@ def test_recluster_during_finetune_is_logged(lm_run: Path, tmp_path: Path, capsy
     rec = json.loads((out / "compression.json").read_text())
     assert [h["step"] for h in rec["recluster_history"]] == [2, 4]
     assert main(["eval", "--run", str(out)]) == 0  # the saved layouts are the final groups
+
+
+def test_cluster_placement_keeps_clusters_on_one_rank_and_relabelling_keeps_the_function() -> None:
+    from moeflow.compress.placement import cluster_placement, relabel_experts
+
+    pl = cluster_placement([0, 1, 0, 1, 2, 2, 3, 3], ep=2)
+    assert sorted(pl.order) == list(range(8)) and pl.split == 0
+    for g in range(4):
+        assert len({pl.rank_E[pl.order.index(x)] for x in range(8) if [0, 1, 0, 1, 2, 2, 3, 3][x] == g}) == 1
+    assert cluster_placement([0, 0, 0, 1, 1, 1], ep=2).split == 0
+    assert cluster_placement([0, 0, 0, 0, 1, 1], ep=3).split == 1  # a cluster of 4 cannot fit 2 slots
+    with pytest.raises(ValueError, match="divisors"):
+        cluster_placement([0, 1, 2], ep=2)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=8, d_model=16, d_hidden=8, top_k=2)).double()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    ref = layer(x)
+    relabel_experts(layer, pl.order)
+    assert torch.allclose(layer(x), ref, atol=1e-12)
