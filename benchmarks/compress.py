@@ -132,6 +132,52 @@ def forward_times(run: LoadedRun, methods: list[str], ratio: float, tokens: int,
     return [f"| {n} | {1e3 * statistics.median(t):.2f} | {statistics.median(t) / ref:.2f} |" for n, t in times.items()]
 
 
+def compare_clustering(run: LoadedRun, ratio: float, calib: int, seeds: int = 3) -> list[str]:
+    """base-lowrank at `ratio` with each clustering: mean within-group S, relative weight error, quality."""
+    from moeflow.analysis.similarity import within_similarity
+    from moeflow.compress.model import _dense_experts
+
+    base = run.fresh_model()
+    cal = calibrate(base, calibration_batches(run, calib), run.forward)
+    sims = layer_similarities(base, cal)
+    dense = {n: _dense_experts(layer) for n, layer in moe_layers(base)}
+    lines = ["| clustering | seed | mean within-group S | relative weight error | val bits | fit s |", "|---|---|---|---|---|---|"]
+    for cluster in ("agglomerative", "kmedoids", "random"):
+        for seed in range(seeds if cluster != "agglomerative" else 1):
+            m = run.fresh_model()
+            t0 = time.perf_counter()
+            method = "random" if cluster == "random" else "base-lowrank"
+            info = compress_model(m, sims, method, ratio, cluster=cluster, seed=seed)
+            fit_s = time.perf_counter() - t0
+            within = statistics.fmean(within_similarity(s.s, info.layouts[s.name].group_E) for s in sims)
+            num = den = 0.0
+            for n, layer in moe_layers(m):
+                w_in, w_out = layer.experts.dense_weights()
+                # alignment permutes hidden units: compare the function-invariant Gram matrices' norms is overkill;
+                # use the error of the fit itself (weights are compared after the same alignment the fit used)
+                num += _fit_error(layer.experts, dense[n])
+                den += float(dense[n][0].square().sum() + dense[n][1].square().sum())
+            q = run.quality(m, cer=False)["val_bpb"]
+            lines.append(f"| {cluster} | {seed} | {within:.3f} | {(num / den) ** 0.5:.3f} | {q:.4f} | {fit_s:.1f} |")
+    return lines
+
+
+def _fit_error(experts: Any, dense: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Squared Frobenius distance between fitted and original experts, up to each expert's hidden permutation."""
+    from moeflow.compress.fit import hidden_features, match_hidden_units, split_projections
+
+    w_in, w_out = experts.dense_weights()
+    act = experts.activation
+    fitted = split_projections(w_in, w_out, act)
+    orig = split_projections(dense[0], dense[1], act)
+    total = 0.0
+    for e in range(w_in.shape[0]):
+        a, b = hidden_features(fitted, e), hidden_features(orig, e)
+        perm = match_hidden_units(a, b)
+        total += float((a - b[perm]).square().sum())
+    return total
+
+
 def language_finding(run: LoadedRun, sims: list, batches: int = 4) -> list[str]:
     """Per layer: the dominant expert of each language, and where the cip / rcp experts' pair ranks on S^f, S^w, S."""
     from moeflow.tasks.translate_train import collect_language_routing
@@ -181,12 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune", type=int, default=100, help="fine-tune steps per method and ratio (0: none)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--ft-batch", type=int, help="LM: fine-tune batch size (default: the run's train.batch_size)")
     p.add_argument("--eval-sentences", type=int, help="translation: held-out sentences per language to score "
                                                        "(default: the run's eval_sentences)")
     p.add_argument("--no-cer", action="store_true", help="translation: skip greedy-decoding CER")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--clusterings", action="store_true",
+                   help="only compare the clustering methods for base-lowrank at ratio 0.5 and exit")
     p.add_argument("--out", help="folder for results.json, table.md and the plots")
     p.add_argument("--quick", action="store_true", help="train tiny runs in a temp folder and sweep them briefly")
     args = p.parse_args(argv)
@@ -204,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("pass --run and/or --translate-run (or --quick)", file=sys.stderr)
         return 2
+    if args.clusterings:
+        for kind, path in runs:
+            print(f"## {kind}: {path}: clustering for base-lowrank at ratio 0.5 (load {os.getloadavg()})")
+            print("\n".join(compare_clustering(load_any_run(path), 0.5, args.calib_batches)))
+        return 0
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -211,16 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     md: list[str] = []
     for kind, path in runs:
         run = load_any_run(path)
+        if kind == "lm" and args.ft_batch:
+            run.cfg = run.cfg.replace(train=run.cfg.train.replace(batch_size=args.ft_batch))
         if kind == "translate" and args.eval_sentences:
             run.cfg = run.cfg.replace(eval_sentences=args.eval_sentences)
         print(f"## {kind}: {path} (step {run.step}), fine-tune {args.finetune} steps", flush=True)
+        ft_note = (f" of batch {run.cfg.train.batch_size}x{run.cfg.train.seq_len}" if kind == "lm"
+                   else f" of batch {run.cfg.batch_size}")
         rows, sims = sweep(run, methods, ratios, args.finetune, args.lr, args.calib_batches,
                            cer=kind == "translate" and not args.no_cer, log=sys.stdout)
         results[kind] = rows
         key = "val_bpb"
         md += [f"## {kind}: {path} (step {run.step})", "",
                f"validation {'bits/byte' if kind == 'lm' else 'bits/char (teacher-forced)'}, "
-               f"training-free / after {args.finetune} fine-tune steps", "", table(rows, key, ratios), ""]
+               f"training-free / after {args.finetune} fine-tune steps{ft_note} (lr {args.lr})", "", table(rows, key, ratios), ""]
         md += ["Lowest at each ratio: " + "; ".join(winners(rows, key, ratios)), ""]
         if kind == "translate" and "cer" in rows[0]["free"]:
             md += ["CER (greedy), training-free / fine-tuned", "", table(rows, "cer", ratios), "",

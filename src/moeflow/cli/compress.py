@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--groups", type=int, help="groups per layer for base-lowrank/random (default floor(R*E/2))")
     p.add_argument("--rank", type=int, help="residual rank (default: the largest that fits the ratio)")
     p.add_argument("--alpha", type=float, default=0.5, help="S = alpha*S^w + (1-alpha)*S^f (default 0.5)")
-    p.add_argument("--cluster", default="agglomerative", choices=CLUSTER_METHODS,
-                   help="clustering for base-lowrank (default agglomerative)")
+    p.add_argument("--cluster", default="kmedoids", choices=CLUSTER_METHODS,
+                   help="clustering for base-lowrank (default kmedoids: measured best, docs/compression.md)")
     p.add_argument("--calib-batches", type=int, default=8, help="training batches for S^f and usage (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for clustering restarts, random groups, fine-tune")
     p.add_argument("--recluster-every", type=int, default=0, metavar="T",

@@ -1,7 +1,7 @@
 """Whole-model compression: calibrate (routing records), measure similarity, pick layouts per method, swap experts.
 
 Methods (each at a target ratio of expert parameters, compressed / original):
-- `base-lowrank`: the seed's method. Experts are grouped on the fused similarity S (balanced agglomerative), each
+- `base-lowrank`: the seed's method. Experts are grouped on the fused similarity S (balanced k-medoids), each
   group gets a base (members' mean) and each expert a rank-r residual; r is the largest that fits the budget.
 - `random`: the same with seeded random balanced groups (the control for the similarity).
 - `merge`: MC-SMoE-style. The round(ratio*E) most-used experts are group cores, every other expert joins the
@@ -127,7 +127,7 @@ def default_groups(num_experts: int, ratio: float) -> int:
 
 
 def choose_layout(method: str, ratio: float, sim: LayerSimilarity, shapes: dict[str, tuple[int, int]],
-                  groups: int | None = None, rank: int | None = None, cluster: str = "agglomerative",
+                  groups: int | None = None, rank: int | None = None, cluster: str = "kmedoids",
                   seed: int = 0) -> Layout:
     """The layout of one layer for a method at a target ratio (or an explicit --groups / --rank)."""
     if method not in METHODS:
@@ -195,7 +195,7 @@ class CompressionInfo:
 
 
 def compress_model(model: nn.Module, sims: list[LayerSimilarity], method: str, ratio: float,
-                   groups: int | None = None, rank: int | None = None, cluster: str = "agglomerative",
+                   groups: int | None = None, rank: int | None = None, cluster: str = "kmedoids",
                    seed: int = 0, align: bool = True) -> CompressionInfo:
     """Replace every MoE layer's experts by fitted CompressedExperts, in place; returns the accounting."""
     layers = dict(moe_layers(model))

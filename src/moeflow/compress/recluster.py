@@ -46,7 +46,7 @@ class Reclusterer:
     every: int
     alpha: float = 0.5
     decay: float = 0.9  # EMA of the router-logit centroids per step
-    method: str = "agglomerative"
+    method: str = "kmedoids"
     seed: int = 0
     centroids: dict[str, LogitCentroids] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)

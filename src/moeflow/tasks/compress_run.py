@@ -232,7 +232,7 @@ def _offdiag(s: torch.Tensor) -> float:
 
 def compress_run(run_dir: str | Path, method: str, ratio: float, out: str | Path | None = None, *,
                  finetune_steps: int = 0, lr: float = 5e-4, groups: int | None = None, rank: int | None = None,
-                 alpha: float = 0.5, cluster: str = "agglomerative", calib_batches: int = 8, seed: int = 0,
+                 alpha: float = 0.5, cluster: str = "kmedoids", calib_batches: int = 8, seed: int = 0,
                  cer: bool = True, save: bool = True, recluster_every: int = 0) -> dict[str, Any]:
     """Compress a run's experts; returns the record written to compression.json (and the folder, if saved)."""
     out_dir = Path(out) if out is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{method}-{ratio:g}"
