@@ -35,3 +35,18 @@ def test_layer_benchmark_quick_runs_and_prints_the_table() -> None:
     scaling = re.findall(r"^([AC])\s+moe\[(\w+)\]\s+T:\s+\d+ MB\s+2T:\s+\d+ MB\s+ratio\s+(?:[\d.]+|-)\s+"
                          r"\[T, E, C\] mask: \d+ -> \d+ MB$", res.stdout, re.M)
     assert sorted(scaling) == [("A", "bmm"), ("A", "loop"), ("C", "bmm"), ("C", "loop")]
+
+
+def test_compress_benchmark_quick_runs_and_prints_the_tables() -> None:
+    """benchmarks/compress.py --quick (two tiny runs, 2 fine-tune steps): both tables, the winners and the timing."""
+    script = SCRIPT.parent / "compress.py"
+    cmd = [sys.executable, str(script), "--quick", "--methods", "base-lowrank,prune", "--ratios", "0.5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr
+    for kind in ("lm", "translate"):
+        assert re.search(rf"^## {kind}: .* \(step 4\)$", res.stdout, re.M)
+    rows = re.findall(r"^\| (base-lowrank|prune) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \|$", res.stdout, re.M)
+    assert rows.count("base-lowrank") >= 2 and rows.count("prune") >= 2  # bits table of each run (+ CER)
+    assert res.stdout.count("Lowest at each ratio: ratio 0.5, training-free:") == 2
+    assert re.search(r"^\| original \| [\d.]+ \| 1\.00 \|$", res.stdout, re.M)
+    assert "cip" in res.stdout  # the language x expert finding
