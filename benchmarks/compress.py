@@ -92,7 +92,7 @@ def table(rows: list[dict[str, Any]], key: str, ratios: list[float]) -> str:
 
 
 def winners(rows: list[dict[str, Any]], key: str, ratios: list[float]) -> list[str]:
-    """Which method has the lowest `key` at each ratio, training-free and fine-tuned (the control excluded? no)."""
+    """Which method has the lowest `key` at each ratio, training-free and fine-tuned (the random control included)."""
     out = []
     for ratio in ratios:
         for col in ("free", "ft"):
@@ -118,7 +118,7 @@ def forward_times(run: LoadedRun, methods: list[str], ratio: float, tokens: int,
     for method in methods:
         m = run.fresh_model()
         try:
-            compress_model(m, [s for s in sims if s.name == name] + [], method, ratio)
+            compress_model(m, [s for s in sims if s.name == name], method, ratio)  # only the timed layer
         except CompressError:
             continue
         candidates.append((method, dict(moe_layers(m))[name].experts))
@@ -141,7 +141,8 @@ def compare_clustering(run: LoadedRun, ratio: float, calib: int, seeds: int = 3)
     cal = calibrate(base, calibration_batches(run, calib), run.forward)
     sims = layer_similarities(base, cal)
     dense = {n: _dense_experts(layer) for n, layer in moe_layers(base)}
-    lines = ["| clustering | seed | mean within-group S | relative weight error | val bits | fit s |", "|---|---|---|---|---|---|"]
+    lines = ["| clustering | seed | mean within-group S | relative weight error | val bits | fit s |",
+             "|---|---|---|---|---|---|"]
     for cluster in ("agglomerative", "kmedoids", "random"):
         for seed in range(seeds if cluster != "agglomerative" else 1):
             m = run.fresh_model()
@@ -152,9 +153,7 @@ def compare_clustering(run: LoadedRun, ratio: float, calib: int, seeds: int = 3)
             within = statistics.fmean(within_similarity(s.s, info.layouts[s.name].group_E) for s in sims)
             num = den = 0.0
             for n, layer in moe_layers(m):
-                w_in, w_out = layer.experts.dense_weights()
-                # alignment permutes hidden units: compare the function-invariant Gram matrices' norms is overkill;
-                # use the error of the fit itself (weights are compared after the same alignment the fit used)
+                # the fit permuted hidden units (alignment): compare each expert up to a hidden-unit matching
                 num += _fit_error(layer.experts, dense[n])
                 den += float(dense[n][0].square().sum() + dense[n][1].square().sum())
             q = run.quality(m, cer=False)["val_bpb"]
@@ -278,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         key = "val_bpb"
         md += [f"## {kind}: {path} (step {run.step})", "",
                f"validation {'bits/byte' if kind == 'lm' else 'bits/char (teacher-forced)'}, "
-               f"training-free / after {args.finetune} fine-tune steps{ft_note} (lr {args.lr})", "", table(rows, key, ratios), ""]
+               f"training-free / after {args.finetune} fine-tune steps{ft_note} (lr {args.lr})", "",
+               table(rows, key, ratios), ""]
         md += ["Lowest at each ratio: " + "; ".join(winners(rows, key, ratios)), ""]
         if kind == "translate" and "cer" in rows[0]["free"]:
             md += ["CER (greedy), training-free / fine-tuned", "", table(rows, "cer", ratios), "",

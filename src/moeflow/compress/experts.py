@@ -163,7 +163,8 @@ class CompressedExperts(nn.Module):
         if g < 0:
             return torch.zeros(o, i, dtype=self._dtype())
         s = self.slots.index(e)
-        w = getattr(self, f"{p}_base")[g].detach().clone() if self.layout.base else torch.zeros(o, i, dtype=self._dtype())
+        dt = self._dtype()
+        w = getattr(self, f"{p}_base")[g].detach().clone() if self.layout.base else torch.zeros(o, i, dtype=dt)
         if self.layout.rank:
             v = getattr(self, f"{p}_v")[g if self.layout.shared_v else s]
             w = w + getattr(self, f"{p}_u")[s].detach() @ v.detach()
@@ -173,7 +174,8 @@ class CompressedExperts(nn.Module):
         """(w_in [E, F, D], w_out [E, D, H]) as GroupedExperts stores them: the effective per-expert weights."""
         e = self.num_experts
         if self.activation in GATED:
-            w_in = torch.stack([torch.cat([self.expert_weight("gate", i), self.expert_weight("up", i)]) for i in range(e)])
+            w_in = torch.stack([torch.cat([self.expert_weight("gate", i), self.expert_weight("up", i)])
+                                for i in range(e)])
         else:
             w_in = torch.stack([self.expert_weight("in", i) for i in range(e)])
         return w_in, torch.stack([self.expert_weight("down", i) for i in range(e)])

@@ -281,5 +281,6 @@ def similarity_only(run_dir: str | Path, out: str | Path, alpha: float = 0.5, ca
     return write_similarity_report(out_dir, sims)
 
 
-__all__ = ["LoadedRun", "similarity_only", "load_any_run", "calibration_batches", "finetune", "compress_run", "check_out_dir",
+__all__ = ["LoadedRun", "similarity_only", "load_any_run", "calibration_batches", "finetune", "compress_run",
+           "check_out_dir",
            "write_similarity_report", "similarity_dict"]
