@@ -351,3 +351,14 @@ def test_cluster_placement_keeps_clusters_on_one_rank_and_relabelling_keeps_the_
     ref = layer(x)
     relabel_experts(layer, pl.order)
     assert torch.allclose(layer(x), ref, atol=1e-12)
+
+
+def test_translation_run_compresses_and_translates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--task", "translate", "--preset", "tiny", "--max-steps", "3", "--set", "eval_sentences=2",
+                 "--out", str(tmp_path), "--name", "tr", "--quiet"]) == 0
+    out = tmp_path / "tr-prune"
+    assert main(["compress", "--run", str(tmp_path / "tr"), "--method", "prune", "--ratio", "0.5", "--out", str(out),
+                 "--calib-batches", "1"]) == 0
+    assert "cer" in capsys.readouterr().out
+    assert main(["translate", "--run", str(out), "--to", "cip", "--text", "the value is here"]) == 0
+    assert "<2cip> 'the value is here' ->" in capsys.readouterr().out
