@@ -59,6 +59,16 @@ def test_train_generate_eval(tmp_path: Path, data: Path, capsys: pytest.CaptureF
     assert main(["generate", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3"]) == 0
     gen = capsys.readouterr()
     assert gen.out.startswith("def ") and "20 bytes" in gen.err
+    # the streamed text is the decoded generation (an untrained model emits invalid UTF-8: replaced alike)
+    import torch
+
+    from moeflow.models import generate
+    from moeflow.train.data import decode
+    from moeflow.train.lm import model_from_run
+    model, _, _ = model_from_run(run)
+    ids = generate(model, torch.tensor([list(b"def ")]), 20, temperature=0.8,
+                   generator=torch.Generator().manual_seed(3), slide=True)
+    assert gen.out == decode(ids[0].tolist()) + "\n"
     assert main(["generate", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3",
                  "--temperature", "0", "--no-cache"]) == 0
     greedy_nocache = capsys.readouterr().out
@@ -101,6 +111,9 @@ def test_config_errors_exit_2_with_a_message(tmp_path: Path, data: Path, capsys:
     assert json.loads(capsys.readouterr().out)["train"]["lr"] == 0.01
     assert main(["train", "--list-keys"]) == 0
     assert "model.moe.num_experts" in capsys.readouterr().out.split()
+    assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
+    assert "nothing: no such folder" in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
     assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
 

@@ -202,7 +202,8 @@ def test_ablate_over_seeds_in_worker_processes(tmp_path, capsys) -> None:
     assert alone == 0
     one = json.loads((tmp_path / "one" / "ablation.json").read_text())[0]
     assert one["heldout_ce"] == pytest.approx(base["heldout_ce_per_seed"][1], rel=1e-6)
-    assert main(["ablate", "--task", "translate", "--preset", "tiny", "--seeds", "1,1", "--out", str(out)]) == 2
+    assert main(["ablate", "--task", "translate", "--preset", "tiny", "--seeds", "1,1", "--out",
+                 str(tmp_path / "dup")]) == 2
     assert "distinct" in capsys.readouterr().err
 
 

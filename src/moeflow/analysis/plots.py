@@ -33,6 +33,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write the figure as a PNG (110 dpi), free it, and return the path."""
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_loss(train_steps: np.ndarray, train_loss: np.ndarray, val_steps: np.ndarray, val_loss: np.ndarray,
               path: str | Path, title: str = "loss") -> Path:
     """Training loss (raw and smoothed) and validation loss against step."""
@@ -49,9 +57,7 @@ def plot_loss(train_steps: np.ndarray, train_loss: np.ndarray, val_steps: np.nda
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _bin_steps(steps: np.ndarray, shares: list[np.ndarray], max_columns: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -86,29 +92,43 @@ def plot_expert_load(steps: np.ndarray, shares: list[np.ndarray], path: str | Pa
         ax.set_title(f"MoE layer {i}: share of tokens per expert (uniform = {1 / e:.3f})", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
+        ax.set_yticks(range(0, e, _tick_stride(e)))  # every expert labelled (matplotlib's default skips odd ones)
         fig.colorbar(im, ax=ax, fraction=0.04)
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
-def plot_layer_lines(steps: np.ndarray, values_SL: np.ndarray, path: str | Path, ylabel: str, title: str) -> Path:
-    """One smoothed line per MoE layer (e.g. dropped-token fraction or router entropy over training)."""
+def _tick_stride(n: int, max_ticks: int = 32) -> int:
+    """Label every one of `n` rows while they stay legible, else every k-th."""
+    return max(1, -(-n // max_ticks))
+
+
+def plot_layer_lines(steps: np.ndarray, values_SL: np.ndarray, path: str | Path, ylabel: str, title: str,
+                     all_zero_note: str | None = None) -> Path:
+    """One smoothed line per MoE layer (e.g. dropped-token fraction or router entropy over training).
+
+    With `all_zero_note`, values that are all exactly zero (a dropless run's drops) are shown as that note instead
+    of overlapping flat lines on a meaningless axis.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    if all_zero_note is not None and not np.any(values_SL):
+        ax.text(0.5, 0.5, all_zero_note, transform=ax.transAxes, ha="center", va="center", fontsize=12)
+        ax.set_yticks([])
+        if steps.size:
+            ax.set_xlim(float(steps[0]), float(steps[-1]) if steps[-1] > steps[0] else float(steps[0]) + 1)
+        fig.tight_layout()
+        return save_figure(fig, path)
     window = max(1, steps.size // 50)
     for li in range(values_SL.shape[1]):
         ax.plot(steps, smooth(values_SL[:, li], window), label=f"layer {li}", lw=1.2)
-    ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     if values_SL.shape[1] <= 12:
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -5,18 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moeflow.analysis.plots import _pyplot, save_figure
 from moeflow.analysis.routing_lang import LanguageRouting
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as e:  # plotting is an optional extra
-        raise RuntimeError("plots need matplotlib: pip install 'moeflow[plot]'") from e
-    matplotlib.use("Agg")  # files only: never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_language_expert_heatmaps(stats: dict[str, LanguageRouting], path: str | Path) -> Path:
@@ -45,10 +35,7 @@ def plot_language_expert_heatmaps(stats: dict[str, LanguageRouting], path: str |
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("share of each language's routed tokens per expert (%)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_drops_by_language(stats: dict[str, LanguageRouting], path: str | Path) -> Path:
@@ -60,6 +47,15 @@ def plot_drops_by_language(stats: dict[str, LanguageRouting], path: str | Path) 
     langs = stats[layers[0]].languages
     width = 0.8 / len(layers)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
+    if not any(any(stats[name].dropped_by_language()) for name in layers):
+        # zero-height bars on a -0.04..0.04 axis say nothing: say it in words
+        ax.text(0.5, 0.5, "no drops (every routed assignment was kept)", transform=ax.transAxes, ha="center",
+                va="center", fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("capacity drops by language", fontsize=9)
+        fig.tight_layout()
+        return save_figure(fig, path)
     for j, name in enumerate(layers):
         drops = stats[name].dropped_by_language()
         ax.bar([i + j * width for i in range(len(langs))], drops, width, label=name)
@@ -68,7 +64,4 @@ def plot_drops_by_language(stats: dict[str, LanguageRouting], path: str | Path) 
     ax.set_title("capacity drops by language (routed assignments not kept)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -87,8 +87,11 @@ def write_report(run_dir: str | Path) -> Path:
             plots.plot_expert_load(lsteps, shares, run / "expert_load.png")
             figures.append(("Expert load over training (one panel per MoE layer)", "expert_load.png"))
             dsteps, dropped_SL = layer_series(records, "dropped_fraction")
+            dropless = ((cfg.get("model") or {}).get("moe") or {}).get("capacity_factor", 0) is None
             plots.plot_layer_lines(dsteps, dropped_SL, run / "dropped.png", "dropped fraction",
-                                   "dropped-token fraction (capacity overflow)")
+                                   "dropped-token fraction (capacity overflow)",
+                                   all_zero_note="dropless: no drops" if dropless else
+                                   "no drops: no expert reached its capacity")
             figures.append(("Dropped-token fraction over training", "dropped.png"))
             esteps, ent_SL = layer_series(records, "entropy")
             plots.plot_layer_lines(esteps, ent_SL, run / "entropy.png", "entropy (nats)", "router entropy")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from moeflow.cli.args import POSITIVE
 from moeflow.config import ConfigError
 from moeflow.ops.threads import cpu_threads
 
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="gshard", help="base translate preset (an MoE one: gshard, switch, tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the base config, e.g. steps=300 (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the preset's)")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="training steps per variant (default: the preset's)")
     p.add_argument("--axis", action="append", default=[], metavar="NAME=V1,V2",
                    help="axis to vary (moe_every, capacity_factor, num_groups, random_routing); repeatable; "
                         "default: all four with moe_every=1,2 capacity_factor=0.5,1,2 num_groups=1,4 "
@@ -50,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
         if args.steps:
             overrides["steps"] = args.steps
         base = translate_overrides(translate_preset(args.preset), overrides)
+        if base.model.moe is None:
+            raise ConfigError(f"--preset {args.preset} has no MoE layers to vary; use an MoE preset (gshard, "
+                              "switch, tiny): the dense baseline of equal active parameters is added to the table")
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {out} already exists and is not empty; pick another folder (an ablation "
+                              "never overwrites earlier runs)")
         if args.axis == ["none"]:
             axes = {}
         else:

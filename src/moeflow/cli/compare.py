@@ -52,6 +52,19 @@ def variants(base: RunConfig, experts: list[int]) -> list[tuple[str, RunConfig]]
     return out
 
 
+def _parse_experts(text: str) -> list[int]:
+    """'4,8,16' -> [4, 8, 16]; anything else is a ConfigError naming the expected form."""
+    try:
+        experts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--experts {text!r} must be comma-separated integers, e.g. 4,8,16") from None
+    if not experts or any(e < 1 for e in experts):
+        raise ConfigError(f"--experts {text!r} must list one or more positive expert counts, e.g. 4,8,16")
+    if len(set(experts)) != len(experts):  # one folder per count: a repeat would overwrite the first run
+        raise ConfigError(f"--experts {text!r} lists a count twice; give distinct counts, e.g. 4,8,16")
+    return experts
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the comparison."""
     head = ("| model | experts (top-k) | total params | active params | val loss | bits/byte | tokens/s | "
@@ -69,13 +82,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         base, preset = resolve_config(args)
         e = base.model.moe.num_experts if base.model.moe else 0
-        experts = [int(x) for x in args.experts.split(",") if x.strip()] if args.experts else [e, 2 * e]
+        experts = _parse_experts(args.experts) if args.experts else [e, 2 * e]
         runs = variants(base, experts)
         corpus = load_corpus(base.data)
     except ValueError as e:  # ConfigError, DataError, and a malformed --experts list
         print(f"error: {e}", file=sys.stderr)
         return 2
     root = Path(args.out) / (args.name or f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} already exists and is not empty; pick another --name (a comparison never "
+                          "overwrites earlier runs)")
     print(f"comparing {', '.join(label for label, _ in runs)} for {base.train.steps} steps each on "
           f"{corpus.source}; folders under {root}")
     rows = []

@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moeflow.config import ConfigError
-from moeflow.train.checkpoint import CheckpointError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,22 +45,19 @@ def run(args: argparse.Namespace) -> int:
     """Compress (or measure) and print parameters, bytes, ratio vs the seed's formula, and quality."""
     from moeflow.tasks.compress_run import compress_run, similarity_only
 
-    try:
-        if args.similarity_only:
-            if not args.out:
-                raise ConfigError("--similarity-only needs --out DIR (a new folder for the heat maps)")
-            path = similarity_only(args.run, args.out, args.alpha, args.calib_batches, args.seed)
-            print(f"similarity of {args.run}: {path}")
-            return 0
-        if args.method is None or args.ratio is None:
-            raise ConfigError("--method and --ratio are required (or pass --similarity-only)")
-        rec = compress_run(args.run, args.method, args.ratio, args.out, finetune_steps=args.finetune, lr=args.lr,
-                           groups=args.groups, rank=args.rank, alpha=args.alpha, cluster=args.cluster,
-                           calib_batches=args.calib_batches, seed=args.seed, cer=not args.no_cer,
-                           recluster_every=args.recluster_every)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"moeflow compress: {e}", file=sys.stderr)
-        return 2
+    # errors are typed (ConfigError / CompressError, CheckpointError, OSError): moeflow.cli.main prints them
+    if args.similarity_only:
+        if not args.out:
+            raise ConfigError("--similarity-only needs --out DIR (a new folder for the heat maps)")
+        path = similarity_only(args.run, args.out, args.alpha, args.calib_batches, args.seed)
+        print(f"similarity of {args.run}: {path}")
+        return 0
+    if args.method is None or args.ratio is None:
+        raise ConfigError("--method and --ratio are required (or pass --similarity-only)")
+    rec = compress_run(args.run, args.method, args.ratio, args.out, finetune_steps=args.finetune, lr=args.lr,
+                       groups=args.groups, rank=args.rank, alpha=args.alpha, cluster=args.cluster,
+                       calib_batches=args.calib_batches, seed=args.seed, cer=not args.no_cer,
+                       recluster_every=args.recluster_every)
     print(format_record(rec))
     return 0
 

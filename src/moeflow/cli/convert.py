@@ -9,7 +9,9 @@ other sources) that `transformers` loads with from_pretrained.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,17 +36,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast the weights (default: keep)")
     p.add_argument("--arch", choices=ARCHS, default=None,
                    help="HF architecture to write (default: the source's, or the one the model matches)")
-    p.add_argument("--max-shard-size", default="4GB", help="largest HF shard, e.g. 500MB (default 4GB)")
+    p.add_argument("--max-shard-size", type=_shard_bytes, default="4GB",
+                   help="largest HF shard, e.g. 500MB (default 4GB)")
+    p.add_argument("--force", action="store_true",
+                   help="write into DST even if it is not empty or is SRC itself (files of the same names are "
+                        "replaced; nothing else is deleted)")
     p.set_defaults(func=run)
 
 
 def _shard_bytes(text: str) -> int:
-    """'500MB' -> bytes."""
+    """'500MB' -> bytes (a positive size: a number of bytes, or KB/MB/GB)."""
     t = text.strip().upper()
-    for unit, mult in _SIZE_UNITS.items():
+    number, mult = t, 1
+    for unit, m in _SIZE_UNITS.items():
         if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+            number, mult = t[: -len(unit)], m
+            break
+    try:
+        value = int(float(number) * mult)
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 500MB, 4GB or 1000000, got {text!r}")
+    return value
 
 
 def _load_training_run(src: Path) -> nn.Module:
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from moeflow.train.checkpoint import CheckpointError
 
     t0 = time.perf_counter()
+    _check_destination(args.src, args.dst, args.force)
     try:
         model, kind = load_any(args.src)
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as e:
@@ -87,15 +102,57 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     if dtype is not None:
         model = _cast(model, dtype)
-    if to == "hf":
-        save_hf(model, args.dst, arch=args.arch, dtype=dtype, max_shard_bytes=_shard_bytes(args.max_shard_size))
-    else:
-        save_moeflow(model, args.dst)
+    written, others = _save_beside(model, args.dst, lambda folder: save_hf(
+        model, folder, arch=args.arch, dtype=dtype, max_shard_bytes=args.max_shard_size) if to == "hf"
+        else save_moeflow(model, folder))
+    if others:
+        print(f"note: {args.dst} also holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not "
+              "written by this conversion (kept); a loader may pick them up, remove them if they are stale",
+              file=sys.stderr)
     n = sum(p.numel() for p in model.parameters())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{kind} {args.src} -> {to} {args.dst}: {type(model).__name__}, {n / 1e6:.2f}M parameters, "
           f"{time.perf_counter() - t0:.1f}s, peak RSS {peak_mb:.0f} MB")
     return 0
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse (without --force) to write into SRC's own folder or into a folder that already holds files."""
+    from moeflow.config import ConfigError
+
+    src_dir = src.parent if src.is_file() else src
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"{dst} exists and is not a folder; DST is the folder to write")
+    if force:
+        return
+    if dst.exists() and src_dir.exists() and dst.resolve() == src_dir.resolve():
+        raise ConfigError(f"{dst} is the source folder itself: converting there would replace its config.json "
+                          "(a training run could no longer --resume); pick another DST (or --force)")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise ConfigError(f"{dst} already exists and is not empty; pick a new or empty folder (or --force to "
+                          "replace the files this conversion writes, keeping the others)")
+
+
+def _save_beside(model: nn.Module, dst: Path, save: object) -> tuple[list[str], list[str]]:
+    """Save into a fresh folder next to DST, then move each file into DST (replacing only the same names).
+
+    A failure midway (a full disk, an interrupt) leaves DST as it was, and nothing already in DST is deleted.
+    Returns (files written, other model files that were already there).
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.converting.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # ours: named by this process id
+    try:
+        save(staging)  # type: ignore[operator]
+        dst.mkdir(exist_ok=True)
+        written = sorted(f.name for f in staging.iterdir())
+        for name in written:
+            os.replace(staging / name, dst / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    others = sorted(f.name for f in dst.iterdir() if f.name not in written
+                    and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")))
+    return written, others
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:

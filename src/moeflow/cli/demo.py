@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from moeflow.cli.args import NON_NEGATIVE, POSITIVE, float_in, int_at_least
 from moeflow.config import MoEConfig
 from moeflow.layers import MoELayer
 from moeflow.routing import ROUTERS
@@ -15,12 +16,13 @@ from moeflow.routing import ROUTERS
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `demo` subcommand."""
     p = sub.add_parser("demo", help="run one MoE layer per router and print routing statistics")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per batch (default 2048)")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--capacity-factor", type=float, default=1.25, help="for switch/gshard (default 1.25)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=POSITIVE, default=2048, help="tokens per batch (default 2048)")
+    p.add_argument("--d-model", type=POSITIVE, default=256)
+    p.add_argument("--d-hidden", type=POSITIVE, default=512)
+    p.add_argument("--experts", type=int_at_least(2, " (the top-2 routers need two)"), default=8)
+    p.add_argument("--capacity-factor", type=float_in(0.0, low_open=True), default=1.25,
+                   help="for switch/gshard (default 1.25)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.set_defaults(func=run)
 
 

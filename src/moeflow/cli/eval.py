@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from moeflow.config import ConfigError
-from moeflow.train.checkpoint import CheckpointError
+from moeflow.cli.args import POSITIVE, THREADS
+from moeflow.cli.runs import require_run
 from moeflow.train.data import DataError, eval_batches, load_corpus
 from moeflow.train.lm import model_from_run
 from moeflow.train.trainer import resolve_device
@@ -21,18 +20,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `eval` subcommand."""
     p = sub.add_parser("eval", help="validation loss and bits per byte of a trained run")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run folder made by `moeflow train`")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--batches", type=POSITIVE, default=None,
+                   help="validation batches (default: the run's eval_batches; at most what the split holds)")
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split to score (default val)")
     p.add_argument("--data", metavar="PATH", help="score other data instead of the run's own (same formats as train)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the run's train.threads)")
+    p.add_argument("--threads", type=THREADS, default=None,
+                   help="torch CPU threads (default: the run's train.threads)")
     p.set_defaults(func=run)
 
 
 @torch.no_grad()
 def evaluate_run(run_dir: str, batches: int | None = None, split: str = "val", data: str | None = None,
                  device: str = "cpu", threads: int | None = None) -> tuple[float, int, int]:
-    """(mean loss in nats per token, tokens scored, step of the checkpoint)."""
+    """(mean loss in nats per token, tokens scored, step of the checkpoint).
+
+    `batches` beyond the split's non-overlapping windows (at least one batch) are capped: more would only score
+    the same tokens again.
+    """
     dev = resolve_device(device)
     model, cfg, ckpt = model_from_run(run_dir, device=str(dev))
     threads = cfg.train.threads if threads is None else threads
@@ -43,7 +48,8 @@ def evaluate_run(run_dir: str, batches: int | None = None, split: str = "val", d
         raise DataError(f"{corpus.source}: token id {corpus.max_token} is outside the model's vocabulary "
                         f"({cfg.model.vocab_size})")
     tokens = corpus.val if split == "val" else corpus.train
-    n = batches or cfg.train.eval_batches
+    windows = max(1, (len(tokens) - 1) // cfg.train.seq_len)
+    n = min(batches or cfg.train.eval_batches, max(1, windows // cfg.train.batch_size))
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, n, cfg.train.batch_size, cfg.train.seq_len):
         logits = model(x.to(dev))
@@ -54,11 +60,8 @@ def evaluate_run(run_dir: str, batches: int | None = None, split: str = "val", d
 
 def run(args: argparse.Namespace) -> int:
     """Print loss (nats/byte) and bits per byte."""
-    try:
-        loss, count, step = evaluate_run(args.run, args.batches, args.split, args.data, args.device, args.threads)
-    except (CheckpointError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    require_run(args.run, "lm", "moeflow eval")
+    loss, count, step = evaluate_run(args.run, args.batches, args.split, args.data, args.device, args.threads)
     print(f"{args.run} (step {step}), {args.split} split, {count:,} tokens: loss {loss:.4f} nats/byte, "
           f"{loss / math.log(2):.4f} bits per byte")
     return 0

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import TextIO
 
-from moeflow.config import ConfigError
+from moeflow.cli.args import NON_NEGATIVE, POSITIVE
+from moeflow.cli.runs import require_run, run_kind
+from moeflow.config import ConfigError, dataclass_in
 from moeflow.ops.threads import cpu_threads
-from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
-from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, config_keys, get_preset,
+from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_step, clean_stale_temps
+from moeflow.train.config import (RUN_PRESETS, RunConfig, apply_overrides, get_preset,
                                   load_config_file, parse_set)
 from moeflow.train.data import DataError
 from moeflow.tasks.translate import TRANSLATE_PRESETS
@@ -24,17 +30,23 @@ DEFAULT_PRESET = "tiny"
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """Flags that define a run's config (shared by train and compare)."""
-    p.add_argument("--preset", choices=sorted(set(RUN_PRESETS) | set(TRANSLATE_PRESETS)), default=None,
-                   help=f"named model + training preset (default {DEFAULT_PRESET}; with --task translate one of "
-                        f"{', '.join(TRANSLATE_PRESETS)}, default gshard)")
+def add_config_args(p: argparse.ArgumentParser, with_task: bool = False) -> None:
+    """Flags that define a run's config (shared by train and compare; only train has --task translate)."""
+    if with_task:
+        p.add_argument("--preset", choices=sorted(set(RUN_PRESETS) | set(TRANSLATE_PRESETS)), default=None,
+                       help=f"named model + training preset: for the language model {', '.join(RUN_PRESETS)} "
+                            f"(default {DEFAULT_PRESET}); with --task translate {', '.join(TRANSLATE_PRESETS)} "
+                            "(default gshard)")
+    else:
+        p.add_argument("--preset", choices=list(RUN_PRESETS), default=None,
+                       help=f"named model + training preset (default {DEFAULT_PRESET})")
     p.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of overrides, nested like "
                    "config.json: {\"train\": {\"lr\": 1e-3}}")
     p.add_argument("--data", metavar="PATH", help="a text file, a folder of text files, or a pre-tokenised .bin/.npy "
                    "(default: the embedded Python stdlib corpus)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="total training steps (= --set train.steps=N)")
-    p.add_argument("--seed", type=int, help="seed for init, data order and router noise (= --set train.seed=N)")
+    p.add_argument("--max-steps", type=POSITIVE, metavar="N", help="total training steps (= --set train.steps=N)")
+    p.add_argument("--seed", type=NON_NEGATIVE,
+                   help="seed for init, data order and router noise (= --set train.seed=N)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (= --set train.device=...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field by its dotted path, e.g. --set model.moe.num_experts=16 "
@@ -44,6 +56,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     """Preset, then config file, then the shorthand flags, then --set (last wins); returns (config, preset)."""
     preset = args.preset or DEFAULT_PRESET
+    if preset not in RUN_PRESETS:
+        raise ConfigError(f"--preset {preset} is a translation preset: add --task translate, or pick a language-"
+                          f"model preset ({', '.join(RUN_PRESETS)})")
     cfg = get_preset(preset)
     overrides: dict[str, object] = {}
     if args.config:
@@ -65,14 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model into a run folder (default: the tiny MoE on the stdlib corpus)",
                        description="Train an MoE (or dense) language model. With no arguments: the 'tiny' preset "
                                    "on the Python standard library sources, a few minutes on 2 CPU cores.")
-    add_config_args(p)
+    add_config_args(p, with_task=True)
     p.add_argument("--out", default="runs", help="folder that holds run folders (default runs/)")
     p.add_argument("--name", help="run folder name (default <preset>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint "
                    "(its config.json is used; --max-steps may extend it)")
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop at this step with a checkpoint, without "
+    p.add_argument("--stop-at", type=POSITIVE, metavar="STEP", help="stop at this step with a checkpoint, without "
                    "changing the schedule (continue later with --resume)")
-    p.add_argument("--ep", type=int, default=None, metavar="N",
+    p.add_argument("--ep", type=POSITIVE, default=None, metavar="N",
                    help="expert-parallel size under torchrun: experts of every MoE layer are split over N ranks, "
                         "the rest is data-parallel (world = N x DP); e.g. torchrun --nproc-per-node 4 -m moeflow "
                         "train --ep 2")
@@ -86,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str | None, Path]:
-    run_dir = Path(args.resume)
+    run_dir = require_run(args.resume, "lm", "moeflow train --resume")
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json); pass the folder `moeflow train` made")
@@ -102,6 +117,56 @@ def _resume_config(args: argparse.Namespace) -> tuple[RunConfig, str | None, Pat
     if args.device is not None:
         extra["train.device"] = args.device
     return (apply_overrides(cfg, extra) if extra else cfg), preset, run_dir
+
+
+def _nothing_to_do(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> bool:
+    """Before a resume touches anything: True (and a note) if the run already reached its end; an error if the
+    requested end lies before the saved step (a run cannot be shortened)."""
+    step = checkpoint_step(run_dir / CHECKPOINT_NAME)
+    if args.max_steps is not None and args.max_steps < step:
+        raise ConfigError(f"--max-steps {args.max_steps} is below the checkpoint's step {step}: a run cannot be "
+                          f"shortened; pass --max-steps > {step} to extend it")
+    if args.stop_at is not None and args.stop_at <= step:
+        raise ConfigError(f"--stop-at {args.stop_at} is not after the checkpoint's step {step}; pass a later step")
+    if step >= cfg.train.steps:
+        print(f"nothing to do: {run_dir} already finished its {cfg.train.steps} steps (left unchanged); extend it "
+              f"with --resume {run_dir} --max-steps N, N > {step}")
+        return True
+    return False
+
+
+def _field_notes(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in its class's source (where this codebase documents fields)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a frozen install): keys without notes
+        return {}
+    notes = {}
+    for line in lines:
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def describe_keys(preset: str = DEFAULT_PRESET) -> list[str]:
+    """`--list-keys`: every dotted key (the first word of each line), its value in `preset` and its note."""
+    out: list[str] = []
+
+    def walk(klass: type, prefix: str, obj: object | None) -> None:
+        notes = _field_notes(klass)
+        for name, hint in typing.get_type_hints(klass).items():
+            if name not in {f.name for f in dataclasses.fields(klass)}:
+                continue
+            key, value = f"{prefix}{name}", getattr(obj, name, None)
+            sub = dataclass_in(hint)
+            shown = "" if sub is not None or obj is None else f"  ({preset}: {value!r})"
+            out.append(f"{key}{shown}{'  ' + notes[name] if name in notes else ''}")
+            if sub is not None:
+                walk(sub, key + ".", value)
+
+    walk(RunConfig, "", get_preset(preset))
+    return out
 
 
 def print_summary(result: TrainResult, report: Path, stream: TextIO | None = None) -> None:
@@ -126,10 +191,14 @@ def run(args: argparse.Namespace) -> int:
 
         return run_from_train_command(args)
     if args.list_keys:
-        print("\n".join(config_keys()))
+        print("\n".join(describe_keys()))
         return 0
     if args.report_only:
-        print(write_report(args.report_only))
+        run_dir = require_run(args.report_only, "lm", "moeflow train --report-only")
+        if run_kind(run_dir) is None and not (run_dir / "metrics.jsonl").exists():
+            raise CheckpointError(f"{run_dir}: not a run folder (no config.json or metrics.jsonl); pass the folder "
+                                  "`moeflow train` made")
+        print(write_report(run_dir))
         return 0
     t_total = time.perf_counter()
     hooks, dims = _parallel_hooks(args)
@@ -169,6 +238,8 @@ def _run_training(args: argparse.Namespace, hooks: object | None, t_total: float
         if args.show_config:
             print(json.dumps({"preset": preset, **cfg.to_dict()}, indent=2))
             return 0
+        if args.resume and _nothing_to_do(args, cfg, run_dir):
+            return 0
         if not args.resume and (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "
                               "another --name")
@@ -187,6 +258,9 @@ def _train_and_report(args: argparse.Namespace, cfg: RunConfig, preset: str | No
     main = hooks is None or hooks.rank == 0  # type: ignore[attr-defined]
     say = print if main else (lambda *a, **k: None)
     try:
+        if main:
+            for tmp in clean_stale_temps(run_dir / CHECKPOINT_NAME):
+                say(f"removed {tmp.name}, left by a save that was killed")
         say(f"run folder {run_dir}  (preset {preset}, {cfg.model.num_params():,} parameters, "
             f"{cfg.model.num_active_params():,} active per token)")
         t0 = time.perf_counter()

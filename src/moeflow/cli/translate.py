@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moeflow.cli.args import int_at_least
+from moeflow.cli.runs import require_run
 from moeflow.config import ConfigError
 from moeflow.ops.threads import cpu_threads
 from moeflow.tasks.translate import TranslateConfig, translate_overrides, translate_preset
@@ -40,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run folder written by `moeflow train --task translate`")
     p.add_argument("--to", required=True, help="target language code(s), comma-separated (e.g. cip,rev)")
     p.add_argument("--text", action="append", required=True, help="English text (repeatable)")
-    p.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    p.add_argument("--beam", type=int_at_least(1, ", 1 = greedy"), default=1, help="beam size (1: greedy)")
     p.set_defaults(func=run_translate)
     t = sub.add_parser("translate-train", help="train the embedded multilingual translation task")
     add_train_args(t)
@@ -53,9 +55,13 @@ def run_translate(args: argparse.Namespace) -> int:
     from moeflow.tasks.translate import translate
     from moeflow.tasks.translate_train import load_run
 
+    require_run(args.run, "translate", "moeflow translate")
     try:
         model, cfg, vocab = load_run(args.run)
         codes = [c.strip() for c in args.to.split(",") if c.strip()]
+        if not codes:
+            raise ValueError(f"--to {args.to!r} names no language; give one or more codes separated by commas, "
+                             f"e.g. --to {','.join(cfg.languages[:2])} (this run knows {', '.join(cfg.languages)})")
         for code in codes:
             if code not in cfg.languages:
                 raise ValueError(f"language {code!r} was not trained in {args.run}; "
@@ -141,7 +147,7 @@ def _new_config(args: argparse.Namespace, hooks: object | None) -> tuple[Transla
 
 def _resume_config(args: argparse.Namespace) -> tuple[TranslateConfig, str | None, Path]:
     """The run folder's own config.json (only --max-steps may extend it)."""
-    run_dir = Path(args.resume)
+    run_dir = require_run(args.resume, "translate", "moeflow train --task translate --resume")
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json); pass the folder `moeflow train "

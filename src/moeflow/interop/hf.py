@@ -104,8 +104,12 @@ def checkpoint_files(folder: Path) -> dict[str, list[str]]:
         st = _safetensors()
         out = {}
         for p in paths:
-            with st.safe_open(str(p), framework="pt") as f:
-                out[p.name] = list(f.keys())
+            try:
+                with st.safe_open(str(p), framework="pt") as f:
+                    out[p.name] = list(f.keys())
+            except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+                raise ValueError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); it may be "
+                                 "truncated") from None
         return out
     if (folder / BIN_INDEX_NAME).is_file():
         return _index_files(folder / BIN_INDEX_NAME)
@@ -191,10 +195,14 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: torch.de
     """
     folder = Path(path)
     hf = read_json(folder / "config.json")
-    arch, cfg = config_from_hf(hf)
+    files = checkpoint_files(folder)  # before the config: a folder without weights says so, not KeyError
+    try:
+        arch, cfg = config_from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(f"{folder / 'config.json'} lacks {e.args[0]!r}, which a {hf.get('model_type', '?')} "
+                          "config needs; is it a complete Hugging Face config?") from None
     model = empty_model(arch, cfg, dtype or hf_dtype(hf), device)
     expected = plan(model, arch)
-    files = checkpoint_files(folder)
     n_layers = getattr(cfg, "n_layers", 0)
     check_keys(expected, {k for keys in files.values() for k in keys}, arch, str(folder), n_layers)
     params = unique_state(model)

@@ -27,7 +27,7 @@ from moeflow.compress.model import apply_layouts
 from moeflow.models.seq2seq import Seq2SeqTransformer
 from moeflow.routing.log import record_routing
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
-from moeflow.train.checkpoint import CHECKPOINT_NAME
+from moeflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError
 from moeflow.train.trainer import ParallelHooks, Trainer, TrainResult
 
 CHECKPOINT = CHECKPOINT_NAME
@@ -174,7 +174,11 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
                                 f"`moeflow train --task translate --out {Path(run_dir).parent} --name "
                                 f"{Path(run_dir).name}`")
     # a plain load, not load_checkpoint: run folders from before the one Trainer hold {model, config, step} only
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}); it may be truncated or from "
+                              "another program") from None
     cfg = TranslateConfig.from_dict(ckpt["config"])
     model = Seq2SeqTransformer(cfg.model)
     if ckpt.get("extra", {}).get("compression"):  # a `moeflow compress` run: its experts are CompressedExperts

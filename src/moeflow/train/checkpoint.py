@@ -1,14 +1,18 @@
 """Checkpoints written atomically: a crash or kill during a save leaves the previous checkpoint loadable.
 
-A save writes `<name>.tmp.<pid>`, flushes and fsyncs it, then `os.replace`s it over `<name>` (atomic on POSIX and
-Windows) and fsyncs the folder so the rename itself survives a power cut. A reader therefore sees either the old
-file or the new one, never a torn one.
+A save writes `<name>.tmp.<pid>.<host>`, flushes and fsyncs it, then `os.replace`s it over `<name>` (atomic on POSIX
+and Windows) and fsyncs the folder so the rename itself survives a power cut. A reader therefore sees either the old
+file or the new one, never a torn one. A writer killed mid-save (kill -9, power cut) cannot remove its temp file;
+the next save or start removes it once its writer process is gone (`clean_stale_temps`). A full disk is reported
+as OSError(ENOSPC), not as torch's zip-writer error it causes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +42,73 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_temps(path: str | Path) -> list[Path]:
+    """Remove `<path>.tmp.<pid>[.<host>]` files left by killed writers on this host; returns what was removed.
+
+    Only files whose writer process is gone go: a live writer's (another process saving now, this one included)
+    and those written from another host (a shared filesystem: its pid means nothing here) are kept.
+    """
+    path = Path(path)
+    host = socket.gethostname()
+    removed = []
+    for tmp in path.parent.glob(f"{path.name}.tmp.*"):
+        pid_text, _, tmp_host = tmp.name[len(path.name) + len(".tmp."):].partition(".")
+        if not pid_text.isdigit() or (tmp_host and tmp_host != host):
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+        removed.append(tmp)
+    return removed
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from or during, is a full disk (torch wraps it in its own)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file, fsync, then atomically replace `path`; the temp file never lingers."""
+    """torch.save to a temporary file, fsync, then atomically replace `path`; the temp file never lingers.
+
+    A full disk raises OSError(ENOSPC) naming `path`; the previous file at `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    clean_stale_temps(path)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{socket.gethostname()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # KeyboardInterrupt included: the old checkpoint is untouched, only the partial temp file goes
         tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and _out_of_space(e):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -104,6 +161,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a moeflow checkpoint (format {FORMAT_VERSION} expected)")
     return ckpt
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was saved at, read without loading its tensors into memory (mmap)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint there; train first (moeflow train)") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}); it may be truncated or from "
+                              "another program") from None
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise CheckpointError(f"{path}: not a moeflow checkpoint (no step)")
+    return int(ckpt["step"])
 
 
 def _names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -47,6 +47,13 @@ class TrainConfig(Config):
     seed: int = 0  # model init, data stream and router noise
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # torch CPU threads (0: torch's default); bitwise resume needs the same value
+    # divergence (train/health.py): a loss above diverge_factor x the median of the last diverge_window healthy
+    # losses (and diverge_min_delta above it) is a spike: no checkpoint is written then, and diverge_patience
+    # spiking steps in a row stop the run naming the last healthy checkpoint. diverge_factor=0 turns it off.
+    diverge_factor: float = 2.0  # spike: loss > this x the recent healthy median (0 = divergence check off)
+    diverge_window: int = 20  # healthy losses the median is taken over
+    diverge_patience: int = 3  # spiking steps in a row that stop the run
+    diverge_min_delta: float = 0.5  # a spike also exceeds the median by this much (nats)
 
     config_name = "train"  # errors name fields by the dotted keys `--set` takes (not annotated: not a field)
 
@@ -58,6 +65,10 @@ class TrainConfig(Config):
         check_number(self, "min_lr_ratio", hi=1)
         check_number(self, "weight_decay", "grad_clip")
         check_number(self, "beta1", "beta2", hi=1, hi_open=True)
+        check_int(self, "diverge_window", "diverge_patience")
+        check_number(self, "diverge_factor", "diverge_min_delta")
+        need(self.diverge_factor == 0 or self.diverge_factor > 1,
+             f"train.diverge_factor must be 0 (off) or > 1, got {self.diverge_factor!r}")
         need(isinstance(self.device, str) and self.device.split(":")[0] in DEVICES,
              f"train.device={self.device!r} is unknown; use one of {', '.join(DEVICES)} "
              "(optionally with an index, e.g. cuda:1)")
@@ -272,9 +283,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON (or, with pyyaml installed, YAML) config file into flat dotted overrides."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (invalid UTF-8); --config takes a JSON or YAML file") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml  # optional: JSON always works

@@ -28,7 +28,9 @@ LN2 = math.log(2.0)
 class LMTask:
     """Random windows of a byte corpus, token-mean cross-entropy, validation on fixed held-out windows."""
 
-    resumable = frozenset({"train.steps", "train.device", "train.log_every"})  # the schedule may grow
+    # the schedule may grow; divergence thresholds only judge the loss (and older runs lack them)
+    resumable = frozenset({"train.steps", "train.device", "train.log_every", "train.diverge_factor",
+                           "train.diverge_window", "train.diverge_patience", "train.diverge_min_delta"})
 
     def __init__(self, cfg: RunConfig, corpus: Corpus | None = None) -> None:
         """Load the corpus (unless given) and check that its token ids fit the model's vocabulary."""

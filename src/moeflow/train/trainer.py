@@ -31,6 +31,7 @@ from moeflow.routing.log import RoutingLog, record_routing
 from moeflow.train.checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_optimizer_state_by_name,
                                       optimizer_state_by_name, save_checkpoint, set_rng_state)
 from moeflow.train.config import flatten
+from moeflow.train.health import LossWatch
 from moeflow.train.metrics import METRICS_NAME, MetricsLog, Progress
 from moeflow.train.task import Task, TrainSchedule
 
@@ -155,7 +156,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda if available, else cpu; an unavailable device is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is unknown; use auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -227,6 +231,7 @@ class Trainer:
         self.step = 0
         self.elapsed_before = self.cpu_before = 0.0
         self.last_ckpt_step: int | None = None
+        self.watch = LossWatch.from_config(self.tc)  # checkpoints only while the loss is healthy
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         self.metrics_path = self.run_dir / METRICS_NAME
         if resume:
@@ -249,6 +254,7 @@ class Trainer:
         self.last_ckpt_step = self.step
         self.elapsed_before = float(ckpt["extra"].get("elapsed_s", 0.0))
         self.cpu_before = float(ckpt["extra"].get("cpu_s", 0.0))
+        self.watch.load_state_dict(ckpt["extra"].get("loss_watch", {}))
         if self.is_main:
             MetricsLog.truncate_after(self.metrics_path, self.step)
 
@@ -259,7 +265,7 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self.ckpt_path, model_state=state, optimizer_state=opt_state,
                             step=self.step, data_state=self.task.state_dict(), config=self.task.config_dict(),
-                            extra={"elapsed_s": elapsed_s, "cpu_s": cpu_s})
+                            extra={"elapsed_s": elapsed_s, "cpu_s": cpu_s, "loss_watch": self.watch.state_dict()})
         self.last_ckpt_step = self.step
 
     def write_config(self, preset: str | None = None) -> None:
@@ -289,6 +295,14 @@ class Trainer:
         return TrainingDiverged(
             f"step {self.step + 1}: {what} is {value} (not finite); stopped before the optimizer step, {where}. "
             "Lower the learning rate, keep grad_clip > 0, or check the data.", self.step + 1)
+
+    def _spiked(self) -> TrainingDiverged:
+        where = (f"the last healthy checkpoint is {self.ckpt_path} (step {self.last_ckpt_step})"
+                 if self.last_ckpt_step is not None else "no checkpoint was written yet")
+        return TrainingDiverged(
+            f"step {self.step}: the training loss diverged ({self.watch.describe()}, {self.watch.spikes} step(s) in a "
+            f"row); stopped without saving, {where}. Lower the learning rate, keep grad_clip > 0, or raise "
+            "train.diverge_factor (0 turns this check off).", self.step)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns the record to log (raises TrainingDiverged on NaN/inf)."""
@@ -329,6 +343,8 @@ class Trainer:
         `cpu_limit_s` of process CPU time, summed over resumes), evaluating and checkpointing."""
         tc = self.tc
         end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+        if self.step >= end:
+            raise ConfigError(f"nothing to train: the run is at step {self.step} and would stop at step {end}")
         log = MetricsLog(self.metrics_path) if self.is_main else None
         progress = Progress(end, start=self.step, every=tc.log_every, stream=self.out, enabled=self.show_progress)
         t_start = time.perf_counter()
@@ -342,6 +358,7 @@ class Trainer:
             while self.step < end:
                 t0, c0 = time.perf_counter(), time.process_time()
                 rec = self.train_step()
+                healthy = self.watch.observe(rec["loss"])
                 dt, cdt = time.perf_counter() - t0, time.process_time() - c0
                 cpu_s += cdt
                 rates.append(rec["tokens"] / dt)
@@ -357,8 +374,13 @@ class Trainer:
                 last = self.step == tc.steps or out_of_cpu
                 if (tc.eval_every and self.step % tc.eval_every == 0) or last:
                     evaluation = self._log_eval(log, progress)
-                if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last or self.step == end:
+                due = (tc.ckpt_every and self.step % tc.ckpt_every == 0) or last or self.step == end
+                if self.watch.diverged or (due and not healthy and (last or self.step == end)):
+                    raise self._spiked()
+                if due and healthy:
                     self.save(self.elapsed_before + time.perf_counter() - t_start, cpu_s)
+                elif due:
+                    progress.message(f"step {self.step}: no checkpoint while the loss spikes ({self.watch.describe()})")
                 if out_of_cpu:
                     progress.message(f"CPU limit {cpu_limit_s:.0f} s reached at step {self.step}")
                     break
