@@ -280,6 +280,8 @@ def test_similarity_only_writes_heat_maps(lm_run: Path, tmp_path: Path) -> None:
     (["--method", "svd", "--ratio", "0.5", "--rank", "999"], "larger than the expert matrices"),
     (["--method", "squash", "--ratio", "0.5"], "unknown method 'squash'"),
     (["--ratio", "0.5"], "--method and --ratio are required"),
+    (["--method", "svd", "--ratio", "0.5", "--rank", "-1"], "--rank must be >= 1"),
+    (["--method", "merge", "--ratio", "0.5", "--alpha", "2"], "--alpha must lie in [0, 1]"),
 ])
 def test_bad_input_gets_a_clear_error(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                       args: list[str], message: str) -> None:

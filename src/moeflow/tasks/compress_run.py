@@ -230,16 +230,41 @@ def _offdiag(s: torch.Tensor) -> float:
     return float((s.sum() - s.diagonal().sum()) / max(1, e * e - e))
 
 
+def check_options(method: str, ratio: float, rank: int | None = None, groups: int | None = None,
+                  alpha: float = 0.5, calib_batches: int = 1, cluster: str = "kmedoids") -> None:
+    """Refuse bad options before any work (loading and scoring a run takes a while)."""
+    from moeflow.analysis.similarity import CLUSTER_METHODS
+    from moeflow.compress.model import METHODS
+
+    if method not in METHODS:
+        raise CompressError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 < ratio < 1.0:
+        raise CompressError(f"--ratio must lie strictly between 0 and 1 (the kept share of expert parameters), "
+                            f"got {ratio}")
+    if rank is not None and rank < 1:
+        raise CompressError(f"--rank must be >= 1, got {rank}")
+    if groups is not None and groups < 1:
+        raise CompressError(f"--groups must be >= 1, got {groups}")
+    if not 0.0 <= alpha <= 1.0:
+        raise CompressError(f"--alpha must lie in [0, 1] (S = alpha*S^w + (1-alpha)*S^f), got {alpha}")
+    if calib_batches < 1:
+        raise CompressError(f"--calib-batches must be >= 1, got {calib_batches}")
+    if cluster not in CLUSTER_METHODS:
+        raise CompressError(f"unknown clustering {cluster!r}; choose one of {', '.join(CLUSTER_METHODS)}")
+
+
 def compress_run(run_dir: str | Path, method: str, ratio: float, out: str | Path | None = None, *,
                  finetune_steps: int = 0, lr: float = 5e-4, groups: int | None = None, rank: int | None = None,
                  alpha: float = 0.5, cluster: str = "kmedoids", calib_batches: int = 8, seed: int = 0,
                  cer: bool = True, save: bool = True, recluster_every: int = 0) -> dict[str, Any]:
     """Compress a run's experts; returns the record written to compression.json (and the folder, if saved)."""
+    check_options(method, ratio, rank, groups, alpha, calib_batches, cluster)
     out_dir = Path(out) if out is not None else Path(run_dir).parent / f"{Path(run_dir).name}-{method}-{ratio:g}"
     if save:
         check_out_dir(out_dir)
-    if finetune_steps < 0:
-        raise CompressError(f"--finetune must be >= 0 steps, got {finetune_steps}")
+    if finetune_steps < 0 or recluster_every < 0:
+        raise CompressError(f"--finetune and --recluster-every must be >= 0 steps, got {finetune_steps} and "
+                            f"{recluster_every}")
     run = load_any_run(run_dir)
     quality_before = run.quality(run.model, cer)
     cal = calibrate(run.model, calibration_batches(run, calib_batches, seed + 1234), run.forward)
@@ -272,6 +297,7 @@ def similarity_only(run_dir: str | Path, out: str | Path, alpha: float = 0.5, ca
                     seed: int = 0) -> Path:
     """Measure S^w, S^f and S of a run into a NEW folder (similarity.json, similarity.png, report.md)."""
     out_dir = Path(out)
+    check_options("svd", 0.5, alpha=alpha, calib_batches=calib_batches)
     check_out_dir(out_dir)
     run = load_any_run(run_dir)
     cal = calibrate(run.model, calibration_batches(run, calib_batches, seed + 1234), run.forward)
