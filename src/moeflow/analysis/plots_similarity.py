@@ -46,8 +46,12 @@ def plot_quality_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], pa
     """One line per method: quality (e.g. bits/byte) against the kept parameter ratio."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = list(dict.fromkeys(n.removesuffix(" +ft") for n in curves))
+    colours = plt.get_cmap("tab10")
     for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", label=name, linestyle="--" if "ft" not in name else "-")
+        # one colour per method: dashed training-free, solid fine-tuned
+        ax.plot(xs, ys, marker="o", label=name, color=colours(methods.index(name.removesuffix(" +ft")) % 10),
+                linestyle="-" if name.endswith(" +ft") else "--")
     ax.set_xlabel("expert parameter ratio (compressed / original)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
