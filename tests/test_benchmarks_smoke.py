@@ -56,3 +56,18 @@ def test_scale_benchmark_quick_prints_shard_ratios() -> None:
         assert float(dense) == pytest.approx(want, abs=0.01) and float(expert) == pytest.approx(want, abs=0.01)
         assert float(save_s) > 0 and (save_mb is not None) == (rank == "0")
     assert "load average before:" in res.stdout and "load average after:" in res.stdout
+
+
+def test_compress_benchmark_quick_runs_and_prints_the_tables() -> None:
+    """benchmarks/compress.py --quick (two tiny runs, 2 fine-tune steps): both tables, the winners and the timing."""
+    script = SCRIPT.parent / "compress.py"
+    cmd = [sys.executable, str(script), "--quick", "--methods", "base-lowrank,prune", "--ratios", "0.5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr
+    for kind in ("lm", "translate"):
+        assert re.search(rf"^## {kind}: .* \(step 4\)$", res.stdout, re.M)
+    rows = re.findall(r"^\| (base-lowrank|prune) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \|$", res.stdout, re.M)
+    assert rows.count("base-lowrank") >= 2 and rows.count("prune") >= 2  # bits table of each run (+ CER)
+    assert res.stdout.count("Lowest at each ratio: ratio 0.5, training-free:") == 2
+    assert re.search(r"^\| original \| [\d.]+ \| 1\.00 \|$", res.stdout, re.M)
+    assert "cip" in res.stdout  # the language x expert finding

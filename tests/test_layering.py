@@ -34,10 +34,12 @@ ALLOWED: dict[str, set[str]] = {
     "interop": CORE | {"models"},
     "parallel": CORE,
     "analysis": {"config", "ops", "routing"},
+    # compressed experts are experts (core), fitted from a layer's weights and the analysis' similarity/clusters
+    "compress": CORE | {"analysis"},
     "sim": {"config"},
-    "train": CORE | {"models", "interop", "parallel", "analysis"},
-    "tasks": CORE | {"models", "interop", "parallel", "analysis", "train"},
-    "cli": CORE | {"models", "interop", "parallel", "analysis", "train", "tasks", "sim", "__init__"},
+    "train": CORE | {"models", "interop", "parallel", "analysis", "compress"},  # loading a compressed run
+    "tasks": CORE | {"models", "interop", "parallel", "analysis", "train", "compress"},
+    "cli": CORE | {"models", "interop", "parallel", "analysis", "train", "tasks", "sim", "compress", "__init__"},
     "__init__": CORE | {"models", "interop"},  # `import moeflow`: no parallel/, train/, analysis/ or cli/
     "__main__": {"cli"},
 }

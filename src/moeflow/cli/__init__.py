@@ -21,7 +21,7 @@ import errno  # noqa: E402
 import importlib  # noqa: E402
 
 # each entry is a module under moeflow.cli exposing register(subparsers) -> None
-SUBCOMMANDS = ["demo", "train", "generate", "eval", "compare", "translate", "ablate", "convert", "plan"]
+SUBCOMMANDS = ["demo", "train", "generate", "eval", "compare", "translate", "ablate", "convert", "plan", "compress"]
 
 USAGE_ERROR, RUN_FAILED = 2, 1  # bad input (nothing was changed) / the work itself failed
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from moeflow.analysis.routing_lang import LanguageRouting, routing_markdown
 from moeflow.analysis.stats import read_records
+from moeflow.compress.model import apply_layouts
 from moeflow.models.seq2seq import Seq2SeqTransformer
 from moeflow.routing.log import record_routing
 from moeflow.tasks.translate import CharVocab, TranslateConfig, TranslateData, evaluate, heldout_loss, load_data
@@ -184,6 +185,8 @@ def load_run(run_dir: str | Path) -> tuple[Seq2SeqTransformer, TranslateConfig, 
                                   "from another program") from None
     cfg = TranslateConfig.from_dict(ckpt["config"])
     model = Seq2SeqTransformer(cfg.model)
+    if ckpt.get("extra", {}).get("compression"):  # a `moeflow compress` run: its experts are CompressedExperts
+        apply_layouts(model, ckpt["extra"]["compression"])
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, CharVocab(cfg.languages)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moeflow.compress.model import apply_layouts
 from moeflow.models import MoETransformer
 from moeflow.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from moeflow.train.config import RunConfig
@@ -122,6 +123,8 @@ def model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETransfo
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME, map_location=device)
     cfg = RunConfig.from_dict(ckpt["config"])
     model = MoETransformer(cfg.model)
+    if ckpt.get("extra", {}).get("compression"):  # a `moeflow compress` run: its experts are CompressedExperts
+        apply_layouts(model, ckpt["extra"]["compression"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg, ckpt
 
