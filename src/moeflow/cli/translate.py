@@ -170,7 +170,7 @@ def _train(cfg: TranslateConfig, preset: str | None, run_dir: Path, hooks: objec
     from moeflow.train.trainer import TrainingDiverged
 
     main = hooks is None or hooks.rank == 0  # type: ignore[attr-defined]
-    if not resume and (run_dir / "checkpoint.pt").exists():
+    if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.dcp").exists()):
         print(f"moeflow: {run_dir} already holds a translation run; continue it with --resume {run_dir}, pick "
               "another folder (--out/--name) or delete it", file=sys.stderr)
         return 2
