@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import moeflow.parallel.collectives as coll  # noqa: E402
 from moeflow import MoEConfig, MoELayer  # noqa: E402
 from moeflow.cli.plan import calibrate  # noqa: E402
-from moeflow.parallel import allreduce_gradients, init_distributed, parallelize, spawn_local  # noqa: E402
+from moeflow.parallel import init_distributed, parallelize, shard_model, spawn_local  # noqa: E402
 from moeflow.sim.cost import geometry, layer_cost, moe_layer_step  # noqa: E402
 from moeflow.sim.spec import Cluster, Layout, ModelShape  # noqa: E402
 from moeflow.sim.traffic import META_BYTES, contiguous, exact_rows, padded_slots  # noqa: E402
@@ -80,7 +80,7 @@ def worker(rank: int, world: int, cases: list[dict], tokens: int, steps: int, wa
         layer = MoELayer(cfg)
         gen = torch.Generator().manual_seed(7)
         v = skew_router(layer, case["skew"], gen) if case["skew"] else None
-        layer = parallelize(layer, dims, mode=case["mode"])
+        layer = shard_model(parallelize(layer, dims, mode=case["mode"]), dims)  # FSDP2 reduces in backward
         x = torch.randn(tokens, case["d"], generator=torch.Generator().manual_seed(100 + rank))
         if v is not None:
             x = x + 2.0 * v
@@ -92,7 +92,6 @@ def worker(rank: int, world: int, cases: list[dict], tokens: int, steps: int, wa
             t0 = time.perf_counter()
             y = layer(x)
             (y.square().mean() + layer.aux_loss).backward()
-            allreduce_gradients(layer, dims)
             elapsed = time.perf_counter() - t0
             layer.zero_grad(set_to_none=True)
             if step < warmup:

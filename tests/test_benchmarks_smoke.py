@@ -71,3 +71,24 @@ def test_compress_benchmark_quick_runs_and_prints_the_tables() -> None:
     assert res.stdout.count("Lowest at each ratio: ratio 0.5, training-free:") == 2
     assert re.search(r"^\| original \| [\d.]+ \| 1\.00 \|$", res.stdout, re.M)
     assert "cip" in res.stdout  # the language x expert finding
+
+
+@pytest.mark.parametrize("script, args, summary", [
+    ("plan_validate.py", ["--quick"], r"^step: median \|error\| \d+%, max \d+%, within 25%: \d+/\d+$"),
+    ("plan_scale.py", ["--quick"], r"\S"),
+    ("ep.py", ["--quick"], r"^  W=4: flat [\d.]+ KiB"),
+    ("train.py", ["--quick"], r"^\| cache speed-up \| [\d.]+x \|$"),
+    ("hf.py", ["moe", "--tokens", "64", "--d-model", "32", "--d-hidden", "64", "--reps", "2"],
+     r"^moeflow patch_hf\s+[\d.]+"),
+])
+def test_other_benchmarks_run_at_tiny_sizes(script: str, args: list[str], summary: str) -> None:
+    """Every other script in benchmarks/ completes at tiny sizes and prints its table (a script that an API change
+    broke fails here, not in a user's hands); plan_validate's predicted bytes equal the dispatcher's CommStats."""
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / script), *args], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    assert re.search(summary, res.stdout, re.M), res.stdout[-2000:]
+    if script == "plan_validate.py":
+        case = re.compile(r"^\s*[24]\s+\d+\s+\d+\s+[\d.]+\s+\w+")
+        cases = [line.split() for line in res.stdout.splitlines() if case.match(line)]
+        assert cases and all(c[6] == "ok" for c in cases)  # predicted bytes equal the dispatcher's CommStats
