@@ -342,6 +342,12 @@ def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, dict
     return out
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds with one decimal, or three below 1 ms (--quick sizes would otherwise print 0.0)."""
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 1.0 else f"{ms:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, time every config, print the tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             vs_dense = f"{full / med['dense'][1]:.2f} ({fwd / med['dense'][0]:.2f})"
             vs_naive = f"{full / med['naive'][1]:.2f} ({fwd / med['naive'][0]:.2f})"
             peak = f"{mem[impl]:.0f}" if impl in mem else "-"
-            print(f"{name:<4}{impl:<12}{fwd * 1e3:>9.1f}{full * 1e3:>12.1f}{vs_dense:>15}{vs_naive:>15}{peak:>10}")
+            print(f"{name:<4}{impl:<12}{_ms(fwd):>9}{_ms(full):>12}{vs_dense:>15}{vs_naive:>15}{peak:>10}")
         print(f"    {shape.describe()}; max |moe - naive| = {err:.1e}; gemms = the expert matmuls alone (a floor)")
         scaling += [(name, impl, mem[f"moe[{impl}]"], mem[f"moe[{impl}]@2T"]) for impl in impls if mem]
     if scaling:
