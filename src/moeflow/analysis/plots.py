@@ -33,10 +33,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write the figure as a PNG (110 dpi), free it, and return the path."""
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write the figure as a PNG, free it, and return the path."""
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
     return path
 

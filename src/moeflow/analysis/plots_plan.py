@@ -5,17 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot with the Agg backend, or an error naming the extra to install."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise RuntimeError("plots need matplotlib: pip install 'moeflow[plot]'") from e
-    matplotlib.use("Agg")  # files only: never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
+from moeflow.analysis.plots import _pyplot, save_figure
 
 
 def plot_breakdown(labels: list[str], terms: dict[str, list[float]], steps: list[float], path: str | Path,
@@ -40,6 +30,4 @@ def plot_breakdown(labels: list[str], terms: dict[str, list[float]], steps: list
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

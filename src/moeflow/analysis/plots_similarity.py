@@ -8,16 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as e:  # plotting is an optional extra
-        raise RuntimeError("plots need matplotlib: pip install 'moeflow[plot]'") from e
-    matplotlib.use("Agg")  # files only: never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
+from moeflow.analysis.plots import _pyplot, save_figure
 
 
 def plot_similarity_heatmaps(layers: Sequence[tuple[str, Tensor, Tensor, Tensor]], path: str | Path) -> Path:
@@ -35,10 +26,7 @@ def plot_similarity_heatmaps(layers: Sequence[tuple[str, Tensor, Tensor, Tensor]
             ax.set_yticks(range(m.shape[0]))
             ax.tick_params(labelsize=6)
     fig.colorbar(im, ax=axes, fraction=0.02, pad=0.02)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_quality_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, ylabel: str,
@@ -59,10 +47,7 @@ def plot_quality_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_recluster_history(history: list[dict[str, Any]], path: str | Path) -> Path:
@@ -87,7 +72,4 @@ def plot_recluster_history(history: list[dict[str, Any]], path: str | Path) -> P
     ax.set_xlabel("step")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
